@@ -1,0 +1,33 @@
+# Two commands do all the set-up: `make serve` (environment + the main job) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# the CPU wheel of torch; on a CUDA machine: make TORCH_SPEC='torch==2.13.0' TORCH_INDEX=...
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv serve test lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+serve: venv
+	$(VENV)/bin/raymoe generate --chat --prompt "Hello! What can a mixture of experts do?" --max-new-tokens 48
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: venv
+	$(VENV)/bin/raymoe bench generate
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,124 @@
+"""The ``raymoe`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--logprobs", type=int, default=0, metavar="K", help="return the top K logprobs per token")
+
+
+def _sampling_from(args):
+    from model.sampling import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                          max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
+                          ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+
+
+def cmd_make_tiny(args) -> int:
+    from model.tiny import make_tiny
+
+    out = make_tiny(args.out, preset=args.preset, fp8=args.fp8, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def _model_dir(args):
+    if args.model:
+        return args.model
+    from model.tiny import default_checkpoint
+
+    return str(default_checkpoint())
+
+
+def cmd_generate(args) -> int:
+    from model.generate import LocalLLM
+
+    prompts: list = list(args.prompt)
+    for ids in args.prompt_ids:
+        try:
+            prompts.append([int(t) for t in ids.split(",") if t.strip()])
+        except ValueError:
+            raise SystemExit(f"error: --prompt-ids takes comma-separated integers, got {ids!r}") from None
+    if not prompts:
+        raise SystemExit("error: give at least one --prompt TEXT or --prompt-ids 1,2,3")
+    params = _sampling_from(args)
+    llm = LocalLLM(_model_dir(args), dtype=args.dtype, progress=not args.json)
+    if args.chat:
+        prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    results = llm.generate(prompts, params)
+    for r in results:
+        if args.json:
+            print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
+        else:
+            print(r.text)
+            print(f"[{len(r.output_ids)} tokens, finish: {r.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "generate":
+        from cluster.bench_generate import main as bench_main
+
+        return bench_main(args)
+    raise SystemExit(f"error: unknown benchmark {args.what!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raymoe", description="Serve DeepSeek-V3-architecture MoE models on Ray")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the Hugging Face format")
+    p.add_argument("out")
+    p.add_argument("--fp8", action="store_true", help="block-FP8 weights with *_scale_inv, as DeepSeek-V3")
+    p.add_argument("--preset", default="tiny", help="a preset from configs/models (default: tiny)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("generate", help="generate text for prompts")
+    p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
+    p.add_argument("--local", action="store_true",
+                   help="run the whole model in this process (the only mode until the cluster lands)")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    p.add_argument("--prompt-ids", action="append", default=[], help="a prompt as token ids: 1,2,3")
+    p.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template as a user turn")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    _add_sampling_flags(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
+    p.add_argument("what", choices=["generate"])
+    p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
+    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench-results/generate.json")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

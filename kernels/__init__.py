@@ -1,0 +1,53 @@
+"""Kernels behind thin wrappers: Triton on CUDA, a plain-torch twin elsewhere.
+
+``model/`` calls only these wrappers and never branches on the platform. The backend is
+chosen per call from the input's device; ``RAYMOE_KERNELS=torch|triton`` forces one (tests
+use it to run the Triton kernels under ``TRITON_INTERPRET=1`` on CPU).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels import reference
+from kernels.reference import FP8_DTYPE, FP8_MAX
+
+__all__ = ["FP8_DTYPE", "FP8_MAX", "act_quant", "weight_dequant", "fp8_gemm", "fp8_linear", "backend_for"]
+
+
+def backend_for(t: torch.Tensor) -> str:
+    forced = os.environ.get("RAYMOE_KERNELS", "").strip().lower()
+    if forced in ("torch", "triton"):
+        return forced
+    if forced:
+        raise ValueError(f"RAYMOE_KERNELS={forced!r} is not a backend; use 'torch' or 'triton'")
+    return "triton" if t.is_cuda else "torch"
+
+
+def _impl(name: str, t: torch.Tensor):
+    if backend_for(t) == "triton":
+        from kernels import triton_fp8  # lazy: CPU-only machines never import triton
+
+        fn = getattr(triton_fp8, name, None)
+        if fn is not None:
+            return fn
+    return getattr(reference, name)
+
+
+def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None):
+    return _impl("act_quant", x)(x, block_size, scale_fmt)
+
+
+def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
+    return _impl("weight_dequant", w)(w, s, block_size)
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
+    return _impl("fp8_gemm", a)(a, a_s, b, b_s)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128):
+    """A linear layer with a block-FP8 weight, in ``x.dtype``."""
+    return _impl("fp8_linear", x)(x, weight, scale_inv, block_size)

@@ -1,0 +1,64 @@
+"""Plain-torch twins of the kernels: the CPU path and the oracle for the Triton versions.
+
+Every function here has the same signature as its Triton counterpart in ``kernels/triton_*``.
+FP8 is ``torch.float8_e4m3fn`` (largest finite value 448); CPU torch only casts to and from it,
+so all arithmetic is done after an upcast to float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_MAX = 448.0
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def _round_scale_ue8m0(s: torch.Tensor) -> torch.Tensor:
+    """Round positive scales up to the next power of two (DeepSeek-V3.1 ``ue8m0`` scales)."""
+    return torch.exp2(torch.ceil(torch.log2(s)))
+
+
+def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None):
+    """Quantise ``x`` in groups of ``block_size`` along the last dim to FP8.
+
+    Returns ``(y, s)``: ``y`` float8_e4m3fn of ``x.shape``, ``s`` float32 of
+    ``[*x.shape[:-1], ceil(x.shape[-1] / block_size)]`` with ``x ~= y * s`` per group.
+    """
+    *lead, k = x.shape
+    n_blocks = -(-k // block_size)
+    pad = n_blocks * block_size - k
+    xf = torch.nn.functional.pad(x.float(), (0, pad)).view(*lead, n_blocks, block_size)
+    amax = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-4)  # [*lead, n_blocks, 1]
+    s = amax / FP8_MAX
+    if scale_fmt == "ue8m0":
+        s = _round_scale_ue8m0(s)
+    y = (xf / s).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    y = y.view(*lead, n_blocks * block_size)[..., :k].contiguous()
+    return y, s.squeeze(-1)
+
+
+def weight_dequant(w: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
+    """``w`` [out, in] FP8 times its block scales ``s`` [ceil(out/bs), ceil(in/bs)] -> bfloat16."""
+    return weight_dequant_float(w, s, block_size).to(torch.bfloat16)
+
+
+def weight_dequant_float(w: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
+    """As ``weight_dequant`` but float32: the exact product, before any rounding to bf16."""
+    out_f, in_f = w.shape
+    scale = s.float().repeat_interleave(block_size, 0)[:out_f].repeat_interleave(block_size, 1)[:, :in_f]
+    return w.float() * scale
+
+
+def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
+    """``a`` [..., K] FP8 with 1x128 scales ``a_s`` [..., ceil(K/128)] times ``b`` [N, K] FP8 with
+    128x128 scales ``b_s`` -> ``a @ b.T`` in bfloat16, accumulated in float32."""
+    k = a.shape[-1]
+    a_f = a.float() * a_s.float().repeat_interleave(128, -1)[..., :k]
+    return (a_f @ weight_dequant_float(b, b_s).T).to(torch.bfloat16)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
+               block_size: int = 128) -> torch.Tensor:
+    """``x @ dequant(weight).T`` in ``x.dtype``: the dequantise-then-matmul path."""
+    w = weight_dequant_float(weight, scale_inv, block_size).to(x.dtype)
+    return x @ w.T

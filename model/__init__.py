@@ -1,0 +1,1 @@
+"""The DeepSeek-V2/V3 network in plain PyTorch, one process."""

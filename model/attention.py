@@ -1,0 +1,134 @@
+"""Multi-head Latent Attention (MLA) over a paged cache of compressed latents.
+
+Glossary (names from the DeepSeek-V2/V3 reports and ``config.json``):
+- latent ``c_kv``: ``kv_lora_rank`` values per token, the normalised output of ``kv_a_proj_with_mqa``;
+- rope key ``k_pe``: the ``qk_rope_head_dim`` rotated key part shared by every head;
+- naive path: expand every cached latent through ``kv_b_proj`` into full per-head K and V;
+- absorbed path: fold ``kv_b_proj`` into the query (for K) and into the output (for V), so
+  attention runs in latent space and the cache is all it reads.
+
+The cache holds per token and layer only ``c_kv`` and ``k_pe``; see ``model.cache``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from model.config import ModelArgs
+from model.layers import Linear, RMSNorm
+from model.rope import apply_rotary
+
+
+@dataclass
+class AttnMeta:
+    """Where a flattened batch's tokens sit: sequences one after another, ``T`` tokens in all.
+
+    ``positions`` [T]: each token's position in its sequence; ``slot_mapping`` [T]: the cache
+    slot its latent is written to; ``query_starts`` [B+1]: token offsets of the sequences;
+    ``context_slots``: per sequence, the slots of its positions ``0..context_len-1`` in order
+    (this step's tokens last).
+    """
+
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    query_starts: list[int]
+    context_slots: list[torch.Tensor]
+    cos: torch.Tensor | None = None  # [T, rope/2], filled in by the model once per step
+    sin: torch.Tensor | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_slots)
+
+
+class MLA(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None):
+        super().__init__()
+        a = args
+        self.n_heads = a.num_attention_heads
+        self.q_lora_rank, self.kv_lora_rank = a.q_lora_rank, a.kv_lora_rank
+        self.qk_nope_head_dim, self.qk_rope_head_dim = a.qk_nope_head_dim, a.qk_rope_head_dim
+        self.v_head_dim = a.v_head_dim
+        self.softmax_scale = a.softmax_scale
+        lin = dict(dtype=dtype, fp8_block=fp8_block)
+        if a.q_lora_rank:
+            self.q_a_proj = Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias, **lin)
+            self.q_a_layernorm = RMSNorm(a.q_lora_rank, a.rms_norm_eps, dtype)
+            self.q_b_proj = Linear(a.q_lora_rank, self.n_heads * a.qk_head_dim, **lin)
+        else:
+            self.q_proj = Linear(a.hidden_size, self.n_heads * a.qk_head_dim, **lin)
+        self.kv_a_proj_with_mqa = Linear(a.hidden_size, a.kv_lora_rank + a.qk_rope_head_dim,
+                                         bias=a.attention_bias, **lin)
+        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank, a.rms_norm_eps, dtype)
+        self.kv_b_proj = Linear(a.kv_lora_rank, self.n_heads * (a.qk_nope_head_dim + a.v_head_dim), **lin)
+        self.o_proj = Linear(self.n_heads * a.v_head_dim, a.hidden_size, bias=a.attention_bias, **lin)
+        self._wkv_b_cache: torch.Tensor | None = None
+
+    def wkv_b(self, dtype: torch.dtype) -> torch.Tensor:
+        """``kv_b_proj`` as [heads, qk_nope + v, kv_lora_rank] (rows are head-major)."""
+        w = self._wkv_b_cache
+        if w is None or w.dtype != dtype:
+            w = self.kv_b_proj.dense_weight(dtype).view(self.n_heads, -1, self.kv_lora_rank)
+            self._wkv_b_cache = w
+        return w
+
+    def project(self, x: torch.Tensor, meta: AttnMeta):
+        """Queries and this step's latents: q_nope [T,H,nope], q_pe [T,H,rope], c_kv [T,r], k_pe [T,rope]."""
+        if self.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        else:
+            q = self.q_proj(x)
+        q = q.view(x.shape[0], self.n_heads, -1)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        q_pe = apply_rotary(q_pe, meta.cos, meta.sin)
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)
+        k_pe = apply_rotary(k_pe, meta.cos, meta.sin)
+        return q_nope, q_pe, c_kv, k_pe
+
+    def forward(self, x: torch.Tensor, meta: AttnMeta, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+                absorb: bool = True) -> torch.Tensor:
+        """``x`` [T, hidden] -> [T, hidden]; writes this step's latents into the caches
+        (``kv_cache`` [slots, kv_lora_rank], ``pe_cache`` [slots, qk_rope_head_dim]) first."""
+        q_nope, q_pe, c_kv, k_pe = self.project(x, meta)
+        kv_cache[meta.slot_mapping] = c_kv.to(kv_cache.dtype)
+        pe_cache[meta.slot_mapping] = k_pe.to(pe_cache.dtype)
+        attend = self._attend_absorbed if absorb else self._attend_naive
+        out = torch.empty(x.shape[0], self.n_heads, self.v_head_dim, dtype=x.dtype, device=x.device)
+        for i, slots in enumerate(meta.context_slots):
+            qs, qe = meta.query_starts[i], meta.query_starts[i + 1]
+            if qe == qs:
+                continue
+            ctx_kv, ctx_pe = kv_cache[slots].to(x.dtype), pe_cache[slots].to(x.dtype)
+            out[qs:qe] = attend(q_nope[qs:qe], q_pe[qs:qe], ctx_kv, ctx_pe)
+        return self.o_proj(out.flatten(1))
+
+    def _causal_softmax(self, scores: torch.Tensor) -> torch.Tensor:
+        # scores [q, H, s]: query i sits at position s - q + i and sees keys 0..s-q+i
+        q_len, s_len = scores.shape[0], scores.shape[-1]
+        q_pos = torch.arange(s_len - q_len, s_len, device=scores.device)[:, None, None]
+        k_pos = torch.arange(s_len, device=scores.device)[None, None, :]
+        scores = scores.float().masked_fill(k_pos > q_pos, float("-inf"))
+        return scores.softmax(dim=-1)
+
+    def _attend_absorbed(self, q_nope, q_pe, ctx_kv, ctx_pe):
+        wkv_b = self.wkv_b(q_nope.dtype)
+        q_lat = torch.einsum("qhd,hdc->qhc", q_nope, wkv_b[:, : self.qk_nope_head_dim])  # [q, H, r]
+        scores = (torch.einsum("qhc,sc->qhs", q_lat, ctx_kv)
+                  + torch.einsum("qhr,sr->qhs", q_pe, ctx_pe)) * self.softmax_scale
+        probs = self._causal_softmax(scores).to(q_nope.dtype)
+        o_lat = torch.einsum("qhs,sc->qhc", probs, ctx_kv)  # [q, H, r]
+        return torch.einsum("qhc,hdc->qhd", o_lat, wkv_b[:, self.qk_nope_head_dim:])  # [q, H, v]
+
+    def _attend_naive(self, q_nope, q_pe, ctx_kv, ctx_pe):
+        kv = self.kv_b_proj(ctx_kv).view(ctx_kv.shape[0], self.n_heads, -1)  # [s, H, nope + v]
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k = torch.cat([k_nope, ctx_pe[:, None, :].expand(-1, self.n_heads, -1)], dim=-1)  # [s, H, qk]
+        q = torch.cat([q_nope, q_pe], dim=-1)  # [q, H, qk]
+        scores = torch.einsum("qhd,shd->qhs", q, k) * self.softmax_scale
+        probs = self._causal_softmax(scores).to(q.dtype)
+        return torch.einsum("qhs,shd->qhd", probs, v)

@@ -1,0 +1,329 @@
+"""Model configuration: one frozen dataclass built from a Hugging Face ``config.json``.
+
+``ModelArgs.from_hf`` is the only place that knows the Hugging Face key names (DeepSeek's own
+``rope_scaling`` form and transformers 5's ``rope_parameters`` form alike); everything else in
+the project reads ``ModelArgs`` fields, which keep the checkpoint's names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
+SCORING_FUNCS = ("softmax", "sigmoid")
+TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+ROPE_TYPES = ("default", "yarn")
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class RopeArgs:
+    """Rotary embedding parameters; ``type == "yarn"`` enables YaRN scaling."""
+
+    theta: float = 10000.0
+    type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+    def __post_init__(self):
+        if self.type not in ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling.type {self.type!r} is not supported; use one of {ROPE_TYPES} "
+                "(DeepSeek checkpoints use 'yarn')"
+            )
+        if self.type == "yarn" and self.factor <= 0:
+            raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """Block FP8 quantisation of a checkpoint (``quantization_config``)."""
+
+    weight_block_size: tuple[int, int] = (128, 128)
+    scale_fmt: str | None = None  # "ue8m0": scales rounded to powers of two (V3.1+)
+
+    def __post_init__(self):
+        if self.scale_fmt not in (None, "ue8m0"):
+            raise ValueError(f"quantization_config.scale_fmt {self.scale_fmt!r} is not supported; use ue8m0 or omit it")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The DeepSeek-V2/V3 network's hyper-parameters, named as in ``config.json``."""
+
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    routed_scaling_factor: float = 2.5
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    num_attention_heads: int = 128
+    q_lora_rank: int = 1536  # 0: plain q_proj, no norm
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    attention_bias: bool = False
+    rms_norm_eps: float = 1e-6
+    max_position_embeddings: int = 163840
+    rope: RopeArgs = field(default_factory=RopeArgs)
+    num_nextn_predict_layers: int = 0
+    quant: QuantArgs | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    # DeepSeek-V3.2 lightning indexer (sparse attention)
+    index_n_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type {self.model_type!r} is not supported; use one of {MODEL_TYPES}")
+        if self.scoring_func not in SCORING_FUNCS:
+            raise ValueError(f"scoring_func {self.scoring_func!r} is not supported; use one of {SCORING_FUNCS}")
+        if self.topk_method not in TOPK_METHODS:
+            raise ValueError(f"topk_method {self.topk_method!r} is not supported; use one of {TOPK_METHODS}")
+        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "kv_lora_rank",
+                    "qk_rope_head_dim", "v_head_dim", "moe_layer_freq"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim must be even (rotary pairs), got {self.qk_rope_head_dim}")
+        if self.n_routed_experts:
+            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
+                raise ValueError(
+                    f"num_experts_per_tok must be in 1..n_routed_experts ({self.n_routed_experts}), "
+                    f"got {self.num_experts_per_tok}"
+                )
+            if self.n_routed_experts % self.n_group:
+                raise ValueError(
+                    f"n_routed_experts ({self.n_routed_experts}) must be divisible by n_group ({self.n_group})"
+                )
+            if not 0 < self.topk_group <= self.n_group:
+                raise ValueError(f"topk_group must be in 1..n_group ({self.n_group}), got {self.topk_group}")
+            if self.topk_group * (self.n_routed_experts // self.n_group) < self.num_experts_per_tok:
+                raise ValueError(
+                    "topk_group groups hold fewer experts than num_experts_per_tok; raise topk_group"
+                )
+        if self.first_k_dense_replace < 0:
+            raise ValueError(f"first_k_dense_replace must be >= 0, got {self.first_k_dense_replace}")
+
+    # derived values
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.quant is not None
+
+    @property
+    def softmax_scale(self) -> float:
+        """``(qk_nope+qk_rope)^-0.5``, times ``m(mscale_all_dim)^2`` under YaRN."""
+        scale = self.qk_head_dim**-0.5
+        if self.rope.type == "yarn" and self.rope.mscale_all_dim:
+            m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+    def is_moe_layer(self, layer_id: int) -> bool:
+        return (
+            self.n_routed_experts > 0
+            and layer_id >= self.first_k_dense_replace
+            and layer_id % self.moe_layer_freq == 0
+        )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if self.is_moe_layer(i)]
+
+    # construction
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any] | str | Path) -> ModelArgs:
+        """Build from a ``config.json`` dict, a path to one, or a checkpoint folder."""
+        if not isinstance(cfg, dict):
+            path = Path(cfg)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.exists():
+                raise FileNotFoundError(f"{path} not found: a checkpoint folder needs a config.json")
+            cfg = json.loads(path.read_text())
+        return _from_hf_dict(cfg)
+
+    @classmethod
+    def from_preset(cls, name: str) -> ModelArgs:
+        """A preset from ``configs/models/NAME.json``."""
+        path = CONFIGS_DIR / "models" / f"{name}.json"
+        if not path.exists():
+            known = sorted(p.stem for p in (CONFIGS_DIR / "models").glob("*.json"))
+            raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+        return cls.from_hf(path)
+
+    def replace(self, **changes) -> ModelArgs:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return ModelArgs(**values)
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _from_hf_dict(cfg: dict[str, Any]) -> ModelArgs:
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"model_type {model_type!r} in config.json is not supported; raymoe serves {MODEL_TYPES}"
+        )
+    v2 = model_type == "deepseek_v2"
+    topk_method = cfg.get("topk_method") or ("greedy" if v2 else "noaux_tc")
+    if topk_method == "gready":  # the spelling some DeepSeek-V2 configs carry
+        topk_method = "greedy"
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported; DeepSeek models use 'silu'")
+    if cfg.get("rope_interleave", True) is not True:
+        raise ValueError("rope_interleave false is not supported; DeepSeek checkpoints rotate interleaved pairs")
+    n_routed = cfg.get("n_routed_experts") or 0
+
+    def get(key, default):
+        value = cfg.get(key)
+        return default if value is None else value
+
+    eos = cfg.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return ModelArgs(
+        model_type=model_type,
+        vocab_size=int(cfg["vocab_size"]),
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        moe_intermediate_size=int(get("moe_intermediate_size", 0)),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        first_k_dense_replace=int(get("first_k_dense_replace", 0)),
+        moe_layer_freq=int(get("moe_layer_freq", 1)),
+        n_routed_experts=int(n_routed),
+        n_shared_experts=int(get("n_shared_experts", 0)),
+        num_experts_per_tok=int(get("num_experts_per_tok", 1 if not n_routed else 0)),
+        n_group=int(get("n_group", 1)),
+        topk_group=int(get("topk_group", 1)),
+        routed_scaling_factor=float(get("routed_scaling_factor", 1.0)),
+        scoring_func=get("scoring_func", "softmax" if v2 else "sigmoid"),
+        topk_method=topk_method,
+        norm_topk_prob=bool(get("norm_topk_prob", not v2)),
+        num_attention_heads=int(cfg["num_attention_heads"]),
+        q_lora_rank=int(get("q_lora_rank", 0)),
+        kv_lora_rank=int(cfg["kv_lora_rank"]),
+        qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
+        v_head_dim=int(cfg["v_head_dim"]),
+        attention_bias=bool(get("attention_bias", False)),
+        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(get("max_position_embeddings", 4096)),
+        rope=_rope_from_hf(cfg),
+        num_nextn_predict_layers=int(get("num_nextn_predict_layers", 0)),
+        quant=_quant_from_hf(cfg.get("quantization_config")),
+        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_id=eos,
+        index_n_heads=int(get("index_n_heads", 0)),
+        index_head_dim=int(get("index_head_dim", 0)),
+        index_topk=int(get("index_topk", 0)),
+    )
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> RopeArgs:
+    # DeepSeek's own configs: rope_theta + rope_scaling; transformers 5: rope_parameters (theta inside)
+    scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if not isinstance(scaling, dict):
+        raise ValueError("rope_scaling / rope_parameters must be a JSON object")
+    theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return RopeArgs(theta=float(theta))
+    if rope_type != "yarn":
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported; use 'yarn' or none")
+    for key in ("factor", "original_max_position_embeddings"):
+        if scaling.get(key) is None:
+            raise ValueError(f"rope_scaling.{key} is required for yarn scaling")
+    return RopeArgs(
+        theta=float(theta),
+        type="yarn",
+        factor=float(scaling["factor"]),
+        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+        beta_fast=float(scaling.get("beta_fast") or 32.0),
+        beta_slow=float(scaling.get("beta_slow") or 1.0),
+        mscale=float(scaling.get("mscale") or 1.0),
+        mscale_all_dim=float(scaling.get("mscale_all_dim") or 0.0),
+    )
+
+
+def _quant_from_hf(qc: dict[str, Any] | None) -> QuantArgs | None:
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method != "fp8":
+        raise ValueError(f"quantization_config.quant_method {method!r} is not supported; raymoe reads 'fp8'")
+    if qc.get("fmt", "e4m3") != "e4m3":
+        raise ValueError(f"quantization_config.fmt {qc.get('fmt')!r} is not supported; use e4m3")
+    block = tuple(qc.get("weight_block_size") or (128, 128))
+    if len(block) != 2:
+        raise ValueError(f"quantization_config.weight_block_size must be [rows, cols], got {list(block)}")
+    return QuantArgs(weight_block_size=(int(block[0]), int(block[1])), scale_fmt=qc.get("scale_fmt"))
+
+
+def args_to_hf(args: ModelArgs) -> dict[str, Any]:
+    """The ``config.json`` dict (DeepSeek's own ``rope_scaling`` form) for these arguments."""
+    cfg: dict[str, Any] = {
+        "architectures": [
+            {"deepseek_v2": "DeepseekV2ForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM",
+             "deepseek_v32": "DeepseekV32ForCausalLM"}[args.model_type]
+        ],
+    }
+    for f in fields(args):
+        if f.name in ("rope", "quant"):
+            continue
+        cfg[f.name] = getattr(args, f.name)
+    cfg["q_lora_rank"] = args.q_lora_rank or None
+    cfg["hidden_act"] = "silu"
+    cfg["rope_theta"] = args.rope.theta
+    if args.rope.type == "yarn":
+        r = args.rope
+        cfg["rope_scaling"] = {
+            "type": "yarn", "factor": r.factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings,
+            "beta_fast": r.beta_fast, "beta_slow": r.beta_slow,
+            "mscale": r.mscale, "mscale_all_dim": r.mscale_all_dim,
+        }
+    if args.quant is not None:
+        cfg["quantization_config"] = {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+            "weight_block_size": list(args.quant.weight_block_size),
+        }
+        if args.quant.scale_fmt:
+            cfg["quantization_config"]["scale_fmt"] = args.quant.scale_fmt
+    if args.model_type != "deepseek_v32":
+        for key in ("index_n_heads", "index_head_dim", "index_topk"):
+            cfg.pop(key)
+    cfg["torch_dtype"] = "bfloat16"
+    return cfg

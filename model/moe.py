@@ -1,0 +1,102 @@
+"""The gate (router scores and top-k) and the Mixture-of-Experts layer.
+
+Logical expert: index ``0..n_routed_experts-1`` as in the checkpoint. The gate picks logical
+experts; where a logical expert lives (which physical replica on which expert actor) is the
+cluster's business, not this module's.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelArgs
+from model.layers import MLP
+
+
+class Routing(NamedTuple):
+    weights: torch.Tensor  # [T, top_k] float32: the routed experts' output multipliers
+    indices: torch.Tensor  # [T, top_k] int64: logical expert ids
+
+
+class Gate(nn.Module):
+    """Scores (softmax or sigmoid), group-limited top-k, bias for selection only, weights.
+
+    Follows the config as written: ``noaux_tc`` adds ``e_score_correction_bias`` for selection and
+    scores a group by the sum of its two best biased scores; ``group_limited_greedy`` scores a group
+    by its best score; ``greedy`` ignores groups. Weights are the unbiased scores of the chosen
+    experts, renormalised when ``norm_topk_prob``, times ``routed_scaling_factor``.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size), requires_grad=False)
+        if args.topk_method == "noaux_tc":
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(args.n_routed_experts, dtype=torch.float32),
+                                                        requires_grad=False)
+        else:
+            self.register_parameter("e_score_correction_bias", None)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        a = self.args
+        logits = F.linear(x.float(), self.weight.float())  # [T, E]
+        scores = logits.softmax(dim=-1) if a.scoring_func == "softmax" else logits.sigmoid()
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
+        if a.topk_method != "greedy" and a.n_group > 1:
+            grouped = choice.view(x.shape[0], a.n_group, -1)  # [T, G, E/G]
+            if a.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(a.topk_group, dim=-1).indices  # [T, topk_group]
+            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(a.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if a.norm_topk_prob and a.num_experts_per_tok > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * a.routed_scaling_factor, indices)
+
+
+def run_experts(x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
+    """Sum of ``weight * expert(x)`` over each token's routed experts; ``experts[i]`` is a callable
+    for logical expert ``i`` (only the ones hit are called)."""
+    y = torch.zeros_like(x, dtype=torch.float32)
+    flat = routing.indices.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    token_of = order // routing.indices.shape[1]
+    w_sorted = routing.weights.flatten()[order]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = token_of[start:start + n]
+        out = experts[e](x[rows])
+        y.index_add_(0, rows, out.float() * w_sorted[start:start + n, None])
+        start += n
+    return y.to(x.dtype)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None):
+        super().__init__()
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(
+            MLP(args.hidden_size, args.moe_intermediate_size, dtype, fp8_block)
+            for _ in range(args.n_routed_experts)
+        )
+        self.shared_experts = (
+            MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype, fp8_block)
+            if args.n_shared_experts else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = run_experts(x, self.gate(x), self.experts)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y

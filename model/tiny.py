@@ -1,0 +1,177 @@
+"""Writing tiny random checkpoints in exactly the Hugging Face DeepSeek layout.
+
+No weights can be downloaded on the project's machines, so tests and the default demo use a
+checkpoint written here: ``config.json``, sharded ``*.safetensors`` with an index, and a real
+byte-level BPE tokenizer (trained with ``tokenizers`` on a small built-in corpus) with a
+DeepSeek-V3-style chat template. ``fp8=True`` writes block-FP8 weights with float32
+``*_scale_inv`` the way DeepSeek's FP8 checkpoints do. Everything is deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from model.config import ModelArgs, QuantArgs, args_to_hf
+from model.layers import Linear, RMSNorm
+
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, "<｜pad｜>"]
+
+CHAT_TEMPLATE = (
+    "{% if add_generation_prompt is not defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{% endif %}{% endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + '<｜end▁of▁sentence｜>' }}"
+    "{% elif message['role'] != 'system' %}{{ raise_exception('unknown role ' + message['role']) }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+_WORDS = (
+    "the of and to in is that it for on with as was at by be this are from or have an they which one you "
+    "were all we there can has more when will would who what so up out if about into than them then some "
+    "time two way could first after other many may these over only new very also any most like people how "
+    "expert experts model models token tokens attention latent cache router layer layers cluster actor "
+    "actors shard shards batch request requests stream streaming decode prefill sample sampling greedy "
+    "temperature probability logits softmax sigmoid weight weights matrix vector tensor gradient kernel "
+    "memory bandwidth throughput latency hello world question answer chat user assistant system please "
+    "thanks good great small large fast slow number numbers table chair river mountain city music book "
+    "café naïve résumé 日本語 中文 한국어 привет мир 🙂 🚀 ✓ → ∑ π"
+).split()
+
+
+def _corpus(seed: int, lines: int = 3000) -> list[str]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(lines):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 99999)))
+        sentence = " ".join(words)
+        out.append(sentence[0].upper() + sentence[1:] + rng.choice([".", "?", "!", ",", ":"]))
+        if i % 50 == 0:
+            out.append(f"def f{i}(x):\n    return x * {i} + 1\n")
+    return out
+
+
+def train_tokenizer(vocab_size: int, seed: int = 0):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_corpus(seed), trainer)
+    return tok
+
+
+def quantize_weight(w: torch.Tensor, block: tuple[int, int] = (128, 128), scale_fmt: str | None = None):
+    """Block-quantise a float weight [out, in] to FP8 with float32 ``scale_inv`` [ceil(out/bo), ceil(in/bi)]."""
+    bo, bi = block
+    out_f, in_f = w.shape
+    rows, cols = -(-out_f // bo), -(-in_f // bi)
+    padded = torch.zeros(rows * bo, cols * bi, dtype=torch.float32)
+    padded[:out_f, :in_f] = w.float()
+    blocks = padded.view(rows, bo, cols, bi)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0  # [rows, cols]
+    if scale_fmt == "ue8m0":
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (blocks / scale[:, None, :, None]).clamp(-448, 448).view(rows * bo, cols * bi)[:out_f, :in_f]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale.contiguous()
+
+
+def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
+    """Deterministic random weights for every tensor of the network (bf16, float32 gate bias)."""
+    from model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args.replace(quant=None), torch.bfloat16)
+    gen = torch.Generator().manual_seed(seed)
+    modules = dict(model.named_modules())
+    state = {}
+    for name, p in model.named_parameters():
+        owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
+        if isinstance(owner, RMSNorm):
+            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        elif name.endswith("e_score_correction_bias"):
+            t = 0.05 * torch.randn(p.shape, generator=gen)
+        elif name.endswith(".bias"):
+            t = 0.02 * torch.randn(p.shape, generator=gen)
+        elif "embed_tokens" in name:
+            t = torch.randn(p.shape, generator=gen)
+        elif name.endswith("lm_head.weight") or name.endswith("shared_head.head.weight"):
+            t = torch.randn(p.shape, generator=gen) * (3.0 / p.shape[1] ** 0.5)
+        else:  # linear layers and the gate: unit-variance outputs for unit-variance inputs
+            t = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
+        state[name] = t.to(torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16)
+    if args.quant is not None:
+        fp8_names = [n for n, m in model.named_modules() if isinstance(m, Linear) and m.fp8_block is not None]
+        for name in fp8_names:
+            state[name + ".weight"], state[name + ".weight_scale_inv"] = quantize_weight(
+                state[name + ".weight"], args.quant.weight_block_size, args.quant.scale_fmt)
+    return state
+
+
+def make_tiny(out: str | Path, preset: str = "tiny", fp8: bool = False, seed: int = 0,
+              num_shards: int = 2, **overrides) -> Path:
+    """Write a random checkpoint for ``preset`` (``configs/models/NAME.json``) to ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    args = ModelArgs.from_preset(preset)
+    tok = train_tokenizer(args.vocab_size, seed)
+    args = args.replace(vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id(BOS),
+                        eos_token_id=tok.token_to_id(EOS), **overrides)
+    if fp8:
+        args = args.replace(quant=QuantArgs())
+    state = random_state_dict(args, seed)
+
+    names = sorted(state)
+    shards = [names[i::num_shards] for i in range(num_shards)] if num_shards > 1 else [names]
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: state[n].contiguous() for n in shard}, str(out / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / "config.json").write_text(json.dumps(args_to_hf(args), indent=2))
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
+        "clean_up_tokenization_spaces": False, "model_max_length": args.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,
+    }, indent=2, ensure_ascii=False))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": args.bos_token_id, "eos_token_id": args.eos_token_id, "do_sample": False}, indent=2))
+    return out
+
+
+def default_checkpoint(fp8: bool = False) -> Path:
+    """The project's tiny demo checkpoint, written on first use under ``$RAYMOE_HOME``
+    (default ``~/.cache/raymoe``)."""
+    import os
+
+    home = Path(os.environ.get("RAYMOE_HOME", Path.home() / ".cache" / "raymoe"))
+    path = home / "checkpoints" / ("tiny-fp8" if fp8 else "tiny")
+    if not (path / "config.json").exists():
+        tmp = path.with_name(path.name + ".partial")
+        make_tiny(tmp, fp8=fp8)
+        if path.exists():
+            import shutil
+
+            shutil.rmtree(path)
+        tmp.rename(path)
+    return path

@@ -1,0 +1,118 @@
+"""The DeepSeek-V2/V3 network in one process; module names match the checkpoint's tensor names."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import MLA, AttnMeta
+from model.config import ModelArgs
+from model.layers import MLP, Linear, RMSNorm
+from model.moe import MoE
+from model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, fp8_block=None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.self_attn = MLA(args, dtype, fp8_block)
+        if args.is_moe_layer(layer_id):
+            self.mlp = MoE(args, dtype, fp8_block)
+        else:
+            self.mlp = MLP(args.hidden_size, args.intermediate_size, dtype, fp8_block)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+
+    def forward(self, x, residual, meta, kv_cache, pe_cache, absorb=True):
+        """Pre-norm block with the residual carried separately (fused add + norm)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, meta, kv_cache, pe_cache, absorb)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
+
+
+class SharedHead(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype):
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.head = Linear(args.hidden_size, args.vocab_size, dtype=dtype)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction module (layer ``num_hidden_layers``): predicts token ``t+2`` from the
+    main model's last hidden state at ``t`` and the embedding of token ``t+1``."""
+
+    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, fp8_block=None):
+        super().__init__(args, layer_id, dtype, fp8_block)
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+        self.eh_proj = Linear(2 * args.hidden_size, args.hidden_size, dtype=dtype)
+        self.shared_head = SharedHead(args, dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+
+    def predict(self, hidden, next_ids, meta, kv_cache, pe_cache) -> torch.Tensor:
+        """``hidden`` [T, hidden] from the main model, ``next_ids`` [T] -> logits [T, vocab] (float32)."""
+        h = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(next_ids)), self.hnorm(hidden)], dim=-1))
+        h, residual = self.forward(h, None, meta, kv_cache, pe_cache)
+        return self.shared_head.head(self.shared_head.norm(h + residual)).float()
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None, with_mtp: bool = True):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
+        self.embed_tokens.weight.requires_grad_(False)
+        layers = [Block(args, i, dtype, fp8_block) for i in range(args.num_hidden_layers)]
+        if with_mtp:
+            n = args.num_hidden_layers
+            layers += [MTPBlock(args, n + i, dtype, fp8_block) for i in range(args.num_nextn_predict_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
+
+
+class Transformer(nn.Module):
+    """Embedding, ``num_hidden_layers`` blocks, final norm and ``lm_head`` (+ MTP layers)."""
+
+    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True):
+        super().__init__()
+        if args.model_type == "deepseek_v32":
+            raise NotImplementedError(
+                "model_type deepseek_v32 needs the sparse-attention indexer, which raymoe does not run yet; "
+                "its preset serves memory planning only"
+            )
+        self.args, self.dtype = args, dtype
+        fp8_block = args.quant.weight_block_size if args.quant else None
+        self.model = Model(args, dtype, fp8_block, with_mtp)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, dtype=dtype)
+        self.rotary = RotaryEmbedding(args)
+
+    @property
+    def num_layers(self) -> int:
+        return self.args.num_hidden_layers
+
+    @property
+    def mtp_layers(self) -> list[MTPBlock]:
+        return list(self.model.layers[self.num_layers:])
+
+    def prepare(self, meta: AttnMeta) -> AttnMeta:
+        meta.cos, meta.sin = self.rotary.cos_sin(meta.positions)
+        return meta
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttnMeta, cache, absorb: bool = True) -> torch.Tensor:
+        """``input_ids`` [T] (a flattened batch described by ``meta``) -> final hidden states [T, hidden]."""
+        self.prepare(meta)
+        x, residual = self.model.embed_tokens(input_ids), None
+        for i in range(self.num_layers):
+            x, residual = self.model.layers[i](x, residual, meta, cache.kv[i], cache.pe[i], absorb)
+        return x + residual
+
+    @torch.inference_mode()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and head: [T, hidden] -> [T, vocab] float32."""
+        return self.lm_head(self.model.norm(hidden)).float()
