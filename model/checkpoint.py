@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+import kernels
 from model.config import ModelArgs
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -95,7 +96,10 @@ def load_into(module: torch.nn.Module, reader: CheckpointReader, prefix: str = "
     """Fill every parameter of ``module`` from the checkpoint tensor of the same name (after
     ``prefix``). Shapes must match exactly; float tensors are cast to the parameter's dtype."""
     params = dict(module.named_parameters())
-    tensors = reader.read((prefix + n for n in params), progress=progress, desc=desc)
+    names = [prefix + n for n in params]
+    # FP8 weights loaded into a float model (dequantised at load): read their scales too
+    names += [n + "_scale_inv" for n in names if n + "_scale_inv" in reader and n + "_scale_inv" not in names]
+    tensors = reader.read(names, progress=progress, desc=desc)
     with torch.no_grad():
         for name, param in params.items():
             t = tensors[prefix + name]
@@ -109,6 +113,8 @@ def load_into(module: torch.nn.Module, reader: CheckpointReader, prefix: str = "
                     f"tensor {prefix + name!r} is {t.dtype} but quantization_config says FP8; "
                     "remove quantization_config from config.json or use the FP8 weights"
                 )
+            if t.dtype == torch.float8_e4m3fn and param.dtype != torch.float8_e4m3fn:
+                t = kernels.reference.weight_dequant_float(t, tensors[prefix + name + "_scale_inv"])
             param.copy_(t.to(param.dtype))
     for m in module.modules():
         if hasattr(m, "_wkv_b_cache"):
@@ -116,12 +122,15 @@ def load_into(module: torch.nn.Module, reader: CheckpointReader, prefix: str = "
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-               with_mtp: bool = True, progress: bool = True):
-    """Build the single-process model for the checkpoint at ``path`` and load its weights."""
+               with_mtp: bool = True, progress: bool = True, dequantize_fp8: bool = False):
+    """Build the single-process model for the checkpoint at ``path`` and load its weights.
+    ``dequantize_fp8``: run an FP8 checkpoint with ``dtype`` weights (dequantised once at load)."""
     from model.transformer import Transformer
 
     reader = CheckpointReader(path)
     args = reader.args
+    if dequantize_fp8:
+        args = args.replace(quant=None)
     with torch.device("meta"):
         model = Transformer(args, dtype, with_mtp=with_mtp)
     model = model.to_empty(device=device)
