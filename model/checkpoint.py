@@ -96,6 +96,13 @@ def load_into(module: torch.nn.Module, reader: CheckpointReader, prefix: str = "
     """Fill every parameter of ``module`` from the checkpoint tensor of the same name (after
     ``prefix``). Shapes must match exactly; float tensors are cast to the parameter's dtype."""
     params = dict(module.named_parameters())
+    for n in params:
+        if n.endswith("weight_scale_inv") and prefix + n not in reader:
+            weight = prefix + n[: -len("_scale_inv")]
+            raise CheckpointError(
+                f"config.json has an FP8 quantization_config but {weight!r} has no {weight + '_scale_inv'!r}; "
+                "remove quantization_config from config.json or use the FP8 weights"
+            )
     names = [prefix + n for n in params]
     # FP8 weights loaded into a float model (dequantised at load): read their scales too
     names += [n + "_scale_inv" for n in names if n + "_scale_inv" in reader and n + "_scale_inv" not in names]

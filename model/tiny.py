@@ -64,7 +64,7 @@ def _corpus(seed: int, lines: int = 3000) -> list[str]:
 
 
 def train_tokenizer(vocab_size: int, seed: int = 0):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -74,6 +74,9 @@ def train_tokenizer(vocab_size: int, seed: int = 0):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(_corpus(seed), trainer)
+    # BOS in front of every encoding, as DeepSeek's tokenizers do with add_special_tokens
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
     return tok
 
 
@@ -97,11 +100,14 @@ def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     from model.transformer import Transformer
 
     with torch.device("meta"):
-        model = Transformer(args.replace(quant=None), torch.bfloat16)
+        model = Transformer(args, torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
+    fp8_linears = {n for n, m in modules.items() if isinstance(m, Linear) and m.fp8_block is not None}
     state = {}
     for name, p in model.named_parameters():
+        if name.endswith("weight_scale_inv"):
+            continue
         owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
         if isinstance(owner, RMSNorm):
             t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
@@ -116,11 +122,9 @@ def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
         else:  # linear layers and the gate: unit-variance outputs for unit-variance inputs
             t = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
         state[name] = t.to(torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16)
-    if args.quant is not None:
-        fp8_names = [n for n, m in model.named_modules() if isinstance(m, Linear) and m.fp8_block is not None]
-        for name in fp8_names:
-            state[name + ".weight"], state[name + ".weight_scale_inv"] = quantize_weight(
-                state[name + ".weight"], args.quant.weight_block_size, args.quant.scale_fmt)
+    for name in sorted(fp8_linears):
+        state[name + ".weight"], state[name + ".weight_scale_inv"] = quantize_weight(
+            state[name + ".weight"], args.quant.weight_block_size, args.quant.scale_fmt)
     return state
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from conftest import full_logits
 from model.cache import MLACache
 from model.checkpoint import load_model
+from tests.helpers import full_logits
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ def test_batched_equals_one_by_one(tiny_llm):
 
 
 def test_greedy_matches_argmax_of_full_forward(tiny_llm):
-    from conftest import full_logits
+    from tests.helpers import full_logits
 
     prompt = tiny_llm.encode("Hello world")
     out = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True))[0]
@@ -31,7 +31,7 @@ def test_greedy_matches_argmax_of_full_forward(tiny_llm):
 
 
 def test_logprobs_are_log_softmax_of_logits(tiny_llm):
-    from conftest import full_logits
+    from tests.helpers import full_logits
 
     prompt = tiny_llm.encode("tokens")
     out = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True,

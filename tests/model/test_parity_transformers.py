@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from conftest import full_logits, rewrite_config
 from model.checkpoint import load_model
 from model.tiny import make_tiny
+from tests.helpers import full_logits, rewrite_config
 
 TOL = 2e-4
 
