@@ -14,7 +14,7 @@ import torch
 from kernels import reference
 from kernels.reference import FP8_DTYPE, FP8_MAX
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "act_quant", "weight_dequant", "fp8_gemm", "fp8_linear", "backend_for"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "act_quant", "weight_dequant", "fp8_gemm", "fp8_linear", "mla_decode", "backend_for"]
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -51,3 +51,8 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, block_size: int = 128):
     """A linear layer with a block-FP8 weight, in ``x.dtype``."""
     return _impl("fp8_linear", x)(x, weight, scale_inv, block_size)
+
+
+def mla_decode(q_lat, q_pe, kv_cache, pe_cache, block_table, seq_lens, softmax_scale: float):
+    """Absorbed MLA decode over a paged latent cache; see ``kernels.reference.mla_decode``."""
+    return _impl("mla_decode", q_lat)(q_lat, q_pe, kv_cache, pe_cache, block_table, seq_lens, softmax_scale)

@@ -62,3 +62,24 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
     """``x @ dequant(weight).T`` in ``x.dtype``: the dequantise-then-matmul path."""
     w = weight_dequant_float(weight, scale_inv, block_size).to(x.dtype)
     return x @ w.T
+
+
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+               block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Absorbed MLA attention of one query token per sequence over a paged latent cache.
+
+    ``q_lat`` [B, H, kv_lora_rank] (queries with ``kv_b_proj``'s key half folded in), ``q_pe``
+    [B, H, rope]; ``kv_cache`` [blocks, block_size, kv_lora_rank], ``pe_cache`` [blocks, block_size,
+    rope]; ``block_table`` [B, max_blocks] int; ``seq_lens`` [B] (keys ``0..len-1`` are visible).
+    Returns the attention output in latent space, [B, H, kv_lora_rank], in ``q_lat.dtype``.
+    """
+    n_blocks, block_size, _ = kv_cache.shape
+    max_len = int(seq_lens.max())
+    pos = torch.arange(max_len, device=q_lat.device)
+    slots = block_table[:, pos // block_size].long() * block_size + pos % block_size  # [B, L]
+    kv = kv_cache.view(n_blocks * block_size, -1)[slots].float()  # [B, L, r]
+    pe = pe_cache.view(n_blocks * block_size, -1)[slots].float()  # [B, L, rope]
+    scores = (torch.einsum("bhc,blc->bhl", q_lat.float(), kv)
+              + torch.einsum("bhr,blr->bhl", q_pe.float(), pe)) * softmax_scale
+    scores = scores.masked_fill((pos[None, :] >= seq_lens[:, None])[:, None, :], float("-inf"))
+    return torch.einsum("bhl,blc->bhc", scores.softmax(dim=-1), kv).to(q_lat.dtype)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+import kernels
 from model.config import ModelArgs
 from model.layers import Linear, RMSNorm
 from model.rope import apply_rotary
@@ -36,6 +37,10 @@ class AttnMeta:
     slot_mapping: torch.Tensor
     query_starts: list[int]
     context_slots: list[torch.Tensor]
+    # decode steps (one query token per sequence) also carry the paged view for the batched kernel
+    block_table: torch.Tensor | None = None  # [B, max_blocks] int32
+    seq_lens: torch.Tensor | None = None  # [B] context length including this step's token
+    block_size: int = 0
     cos: torch.Tensor | None = None  # [T, rope/2], filled in by the model once per step
     sin: torch.Tensor | None = None
 
@@ -97,15 +102,33 @@ class MLA(nn.Module):
         q_nope, q_pe, c_kv, k_pe = self.project(x, meta)
         kv_cache[meta.slot_mapping] = c_kv.to(kv_cache.dtype)
         pe_cache[meta.slot_mapping] = k_pe.to(pe_cache.dtype)
-        attend = self._attend_absorbed if absorb else self._attend_naive
-        out = torch.empty(x.shape[0], self.n_heads, self.v_head_dim, dtype=x.dtype, device=x.device)
+        if absorb:
+            wkv_b = self.wkv_b(x.dtype)
+            q_lat = torch.einsum("thd,hdc->thc", q_nope, wkv_b[:, : self.qk_nope_head_dim])  # [T, H, r]
+            if meta.block_table is not None:
+                o_lat = kernels.mla_decode(
+                    q_lat, q_pe, kv_cache.view(-1, meta.block_size, self.kv_lora_rank),
+                    pe_cache.view(-1, meta.block_size, self.qk_rope_head_dim),
+                    meta.block_table, meta.seq_lens, self.softmax_scale)
+            else:
+                o_lat = self._per_sequence(self._attend_latent, q_lat, q_pe, meta, kv_cache, pe_cache)
+            out = torch.einsum("thc,hdc->thd", o_lat, wkv_b[:, self.qk_nope_head_dim:])  # [T, H, v]
+        else:
+            out = self._per_sequence(self._attend_naive, q_nope, q_pe, meta, kv_cache, pe_cache)
+        return self.o_proj(out.flatten(1))
+
+    @staticmethod
+    def _per_sequence(attend, q_a, q_pe, meta, kv_cache, pe_cache) -> torch.Tensor:
+        out = None
         for i, slots in enumerate(meta.context_slots):
             qs, qe = meta.query_starts[i], meta.query_starts[i + 1]
             if qe == qs:
                 continue
-            ctx_kv, ctx_pe = kv_cache[slots].to(x.dtype), pe_cache[slots].to(x.dtype)
-            out[qs:qe] = attend(q_nope[qs:qe], q_pe[qs:qe], ctx_kv, ctx_pe)
-        return self.o_proj(out.flatten(1))
+            o = attend(q_a[qs:qe], q_pe[qs:qe], kv_cache[slots].to(q_a.dtype), pe_cache[slots].to(q_a.dtype))
+            if out is None:
+                out = q_a.new_zeros(q_a.shape[0], *o.shape[1:])
+            out[qs:qe] = o
+        return out if out is not None else q_a.new_zeros(q_a.shape[0], q_a.shape[1], 0)
 
     def _causal_softmax(self, scores: torch.Tensor) -> torch.Tensor:
         # scores [q, H, s]: query i sits at position s - q + i and sees keys 0..s-q+i
@@ -115,14 +138,12 @@ class MLA(nn.Module):
         scores = scores.float().masked_fill(k_pos > q_pos, float("-inf"))
         return scores.softmax(dim=-1)
 
-    def _attend_absorbed(self, q_nope, q_pe, ctx_kv, ctx_pe):
-        wkv_b = self.wkv_b(q_nope.dtype)
-        q_lat = torch.einsum("qhd,hdc->qhc", q_nope, wkv_b[:, : self.qk_nope_head_dim])  # [q, H, r]
+    def _attend_latent(self, q_lat, q_pe, ctx_kv, ctx_pe):
+        """Absorbed form: [q, H, r] queries against [s, r] latents -> [q, H, r] latent outputs."""
         scores = (torch.einsum("qhc,sc->qhs", q_lat, ctx_kv)
                   + torch.einsum("qhr,sr->qhs", q_pe, ctx_pe)) * self.softmax_scale
-        probs = self._causal_softmax(scores).to(q_nope.dtype)
-        o_lat = torch.einsum("qhs,sc->qhc", probs, ctx_kv)  # [q, H, r]
-        return torch.einsum("qhc,hdc->qhd", o_lat, wkv_b[:, self.qk_nope_head_dim:])  # [q, H, v]
+        probs = self._causal_softmax(scores).to(q_lat.dtype)
+        return torch.einsum("qhs,sc->qhc", probs, ctx_kv)
 
     def _attend_naive(self, q_nope, q_pe, ctx_kv, ctx_pe):
         kv = self.kv_b_proj(ctx_kv).view(ctx_kv.shape[0], self.n_heads, -1)  # [s, H, nope + v]

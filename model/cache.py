@@ -82,4 +82,12 @@ class MLACache:
             starts.append(starts[-1] + end - start)
             ctx.append(torch.tensor(slots, dtype=torch.long, device=self.device))
         as_long = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)
-        return AttnMeta(as_long(positions), as_long(slot_mapping), starts, ctx)
+        meta = AttnMeta(as_long(positions), as_long(slot_mapping), starts, ctx)
+        if seqs and all(end - start == 1 for _, start, end in seqs):
+            tables = [self.allocator.tables[seq_id] for seq_id, _, _ in seqs]
+            width = max(len(t) for t in tables)
+            meta.block_table = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32,
+                                            device=self.device)
+            meta.seq_lens = as_long([end for _, _, end in seqs])
+            meta.block_size = self.allocator.block_size
+        return meta

@@ -1,0 +1,90 @@
+"""``raymoe bench generate``: decode tokens/s of raymoe's single process vs transformers' ``generate``.
+
+Both run greedy decoding with their KV cache on the same checkpoint, same dtype, same prompts
+(random token ids, equal lengths so transformers needs no padding), in one run. Decode rate is
+``batch * (N - 1) / (t(N new tokens) - t(1 new token))``, which removes prefill from both.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def _decode_rate(run, batch: int, new_tokens: int, repeats: int) -> float:
+    t_full = _best(lambda: run(new_tokens), repeats)
+    t_one = _best(lambda: run(1), repeats)
+    return batch * (new_tokens - 1) / max(t_full - t_one, 1e-9)
+
+
+def main(args) -> int:
+    from cluster.cli import _model_dir
+    from model.generate import LocalLLM
+    from model.sampling import SamplingParams
+
+    path = _model_dir(args)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    llm = LocalLLM(path, dtype=dtype, progress=False)
+    try:
+        import transformers
+
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    except ImportError:
+        hf = None
+        print("transformers is not installed: measuring raymoe only (pip install -e '.[test]')")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"decode tokens/s, {args.dtype}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
+    print(HEADER + "\n" + "-" * len(HEADER))
+    for batch in batch_sizes:
+        prompts = torch.randint(5, llm.args.vocab_size, (batch, args.prompt_len), generator=gen)
+
+        def run_ours(n, prompts=prompts):
+            llm.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+
+        row = {"batch": batch, "raymoe_tok_s": _decode_rate(run_ours, batch, args.new_tokens, args.repeats)}
+        if hf is not None:
+            def run_hf(n, prompts=prompts):
+                with torch.inference_mode():
+                    hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
+                                min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
+
+            row["transformers_tok_s"] = _decode_rate(run_hf, batch, args.new_tokens, args.repeats)
+            row["ratio"] = row["raymoe_tok_s"] / row["transformers_tok_s"]
+        rows.append(row)
+        print(_format_row(row), flush=True)
+
+    result = {
+        "benchmark": "generate", "checkpoint": str(path), "dtype": args.dtype, "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+HEADER = f"{'batch':>5} | {'raymoe tok/s':>12} | {'transformers tok/s':>18} | {'ratio':>6}"
+
+
+def _format_row(row: dict) -> str:
+    nan = float("nan")
+    return (f"{row['batch']:>5} | {row['raymoe_tok_s']:12.1f} | {row.get('transformers_tok_s', nan):18.1f} | "
+            f"{row.get('ratio', nan):6.2f}")
