@@ -1,0 +1,39 @@
+"""The ``raymoe`` command line: make-tiny, generate --json, errors."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from cluster.cli import main
+from model.sampling import SamplingParams
+
+
+def test_generate_json_matches_single_process(tiny_dir, tiny_llm, capsys):
+    rc = main(["generate", "--model", str(tiny_dir), "--local", "--prompt", "Hello experts", "--prompt-ids",
+               "5,6,7", "--max-new-tokens", "6", "--temperature", "0", "--dtype", "float32", "--logprobs", "3",
+               "--ignore-eos", "--json"])
+    assert rc == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = tiny_llm.generate(["Hello experts", [5, 6, 7]],
+                                 SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, logprobs=3))
+    assert len(lines) == 2
+    for line, ref in zip(lines, expected, strict=True):
+        assert line["output_ids"] == ref.output_ids and line["text"] == ref.text
+        assert len(line["top_logprobs"]) == 6 and all(len(p) == 3 for p in line["top_logprobs"])
+        assert [p[0][0] for p in line["top_logprobs"]] == ref.output_ids
+
+
+def test_generate_rejects_bad_values(tiny_dir, capsys):
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "x", "--top-p", "0"])
+    assert rc == 2 and "top_p" in capsys.readouterr().err
+
+
+def test_make_tiny_is_deterministic(tmp_path):
+    for name in ("a", "b"):
+        assert main(["make-tiny", str(tmp_path / name), "--fp8", "--seed", "5"]) == 0
+    for file in sorted((tmp_path / "a").glob("*.safetensors")):
+        a, b = load_file(file), load_file(tmp_path / "b" / file.name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+    assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
