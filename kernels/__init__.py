@@ -14,7 +14,8 @@ import torch
 from kernels import reference
 from kernels.reference import FP8_DTYPE, FP8_MAX
 
-__all__ = ["FP8_DTYPE", "FP8_MAX", "act_quant", "weight_dequant", "fp8_gemm", "fp8_linear", "mla_decode", "backend_for"]
+__all__ = ["FP8_DTYPE", "FP8_MAX", "act_quant", "weight_dequant", "fp8_gemm", "fp8_linear", "grouped_fp8_gemm",
+           "mla_decode", "moe_fp8", "backend_for"]
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -26,13 +27,16 @@ def backend_for(t: torch.Tensor) -> str:
     return "triton" if t.is_cuda else "torch"
 
 
+_TRITON_MODULES = {"act_quant": "triton_fp8", "weight_dequant": "triton_fp8", "fp8_gemm": "triton_fp8",
+                   "fp8_linear": "triton_fp8", "grouped_fp8_gemm": "triton_fp8", "mla_decode": "triton_mla"}
+
+
 def _impl(name: str, t: torch.Tensor):
     if backend_for(t) == "triton":
-        from kernels import triton_fp8  # lazy: CPU-only machines never import triton
+        import importlib
 
-        fn = getattr(triton_fp8, name, None)
-        if fn is not None:
-            return fn
+        # lazy: CPU-only machines never import triton
+        return getattr(importlib.import_module(f"kernels.{_TRITON_MODULES[name]}"), name)
     return getattr(reference, name)
 
 
@@ -53,6 +57,14 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor, b
     return _impl("fp8_linear", x)(x, weight, scale_inv, block_size)
 
 
+def grouped_fp8_gemm(a, a_s, b, b_s, expert_offsets) -> torch.Tensor:
+    """Expert-sorted FP8 rows times their experts' FP8 weights in one launch."""
+    return _impl("grouped_fp8_gemm", a)(a, a_s, b, b_s, expert_offsets)
+
+
 def mla_decode(q_lat, q_pe, kv_cache, pe_cache, block_table, seq_lens, softmax_scale: float):
     """Absorbed MLA decode over a paged latent cache; see ``kernels.reference.mla_decode``."""
     return _impl("mla_decode", q_lat)(q_lat, q_pe, kv_cache, pe_cache, block_table, seq_lens, softmax_scale)
+
+
+from kernels.moe import moe_fp8  # noqa: E402  (built on the wrappers above)

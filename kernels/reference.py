@@ -14,8 +14,11 @@ FP8_DTYPE = torch.float8_e4m3fn
 
 
 def _round_scale_ue8m0(s: torch.Tensor) -> torch.Tensor:
-    """Round positive scales up to the next power of two (DeepSeek-V3.1 ``ue8m0`` scales)."""
-    return torch.exp2(torch.ceil(torch.log2(s)))
+    """Round positive float32 scales up to the next power of two (DeepSeek-V3.1 ``ue8m0`` scales),
+    exactly: bump the exponent when any mantissa bit is set."""
+    bits = s.float().contiguous().view(torch.int32)
+    exp = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(torch.int32)
+    return (exp << 23).view(torch.float32)
 
 
 def act_quant(x: torch.Tensor, block_size: int = 128, scale_fmt: str | None = None):
@@ -51,17 +54,41 @@ def weight_dequant_float(w: torch.Tensor, s: torch.Tensor, block_size: int = 128
 
 def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor) -> torch.Tensor:
     """``a`` [..., K] FP8 with 1x128 scales ``a_s`` [..., ceil(K/128)] times ``b`` [N, K] FP8 with
-    128x128 scales ``b_s`` -> ``a @ b.T`` in bfloat16, accumulated in float32."""
-    k = a.shape[-1]
-    a_f = a.float() * a_s.float().repeat_interleave(128, -1)[..., :k]
-    return (a_f @ weight_dequant_float(b, b_s).T).to(torch.bfloat16)
+    128x128 scales ``b_s`` -> ``a @ b.T`` in bfloat16.
+
+    Accumulates in float32 as the kernel does: per 128-wide K block, the dot product of the raw FP8
+    values (products of two e4m3 values are exact in float32) times both blocks' scales.
+    """
+    k, n = a.shape[-1], b.shape[0]
+    a_f, b_f = a.float(), b.float()
+    b_scale = b_s.float().repeat_interleave(128, 0)[:n]  # [N, ceil(K/128)]
+    out = torch.zeros(*a.shape[:-1], n, dtype=torch.float32, device=a.device)
+    for kb in range(-(-k // 128)):
+        cols = slice(kb * 128, min(k, (kb + 1) * 128))
+        out += (a_f[..., cols] @ b_f[:, cols].T) * a_s[..., kb:kb + 1].float() * b_scale[:, kb]
+    return out.to(torch.bfloat16)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale_inv: torch.Tensor,
                block_size: int = 128) -> torch.Tensor:
-    """``x @ dequant(weight).T`` in ``x.dtype``: the dequantise-then-matmul path."""
-    w = weight_dequant_float(weight, scale_inv, block_size).to(x.dtype)
-    return x @ w.T
+    """A linear layer with a block-FP8 weight as DeepSeek runs it: activations quantised per token
+    in groups of 128 (``act_quant``), then ``fp8_gemm``; result in ``x.dtype``."""
+    a, a_s = act_quant(x, block_size)
+    return fp8_gemm(a, a_s, weight, scale_inv).to(x.dtype)
+
+
+def grouped_fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor,
+                     expert_offsets: torch.Tensor) -> torch.Tensor:
+    """Rows of ``a`` [T, K] (FP8, scales [T, ceil(K/128)]) sorted by expert, rows
+    ``offsets[e]..offsets[e+1]-1`` belonging to expert ``e``, times that expert's weight ``b[e]``
+    ([E, N, K] FP8, scales [E, ceil(N/128), ceil(K/128)]) -> [T, N] bfloat16."""
+    out = torch.empty(a.shape[0], b.shape[1], dtype=torch.bfloat16, device=a.device)
+    bounds = expert_offsets.tolist()
+    for e in range(b.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = fp8_gemm(a[lo:hi], a_s[lo:hi], b[e], b_s[e])
+    return out
 
 
 def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,

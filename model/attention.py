@@ -72,6 +72,9 @@ class MLA(nn.Module):
         self.o_proj = Linear(self.n_heads * a.v_head_dim, a.hidden_size, bias=a.attention_bias, **lin)
         self._wkv_b_cache: torch.Tensor | None = None
 
+    def reset_caches(self) -> None:
+        self._wkv_b_cache = None
+
     def wkv_b(self, dtype: torch.dtype) -> torch.Tensor:
         """``kv_b_proj`` as [heads, qk_nope + v, kv_lora_rank] (rows are head-major)."""
         w = self._wkv_b_cache

@@ -123,9 +123,9 @@ def load_into(module: torch.nn.Module, reader: CheckpointReader, prefix: str = "
             if t.dtype == torch.float8_e4m3fn and param.dtype != torch.float8_e4m3fn:
                 t = kernels.reference.weight_dequant_float(t, tensors[prefix + name + "_scale_inv"])
             param.copy_(t.to(param.dtype))
-    for m in module.modules():
-        if hasattr(m, "_wkv_b_cache"):
-            m._wkv_b_cache = None
+    for m in module.modules():  # weights derived from the old parameters are stale now
+        if hasattr(m, "reset_caches"):
+            m.reset_caches()
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",

@@ -52,6 +52,11 @@ class QuantArgs:
     scale_fmt: str | None = None  # "ue8m0": scales rounded to powers of two (V3.1+)
 
     def __post_init__(self):
+        if tuple(self.weight_block_size) != (128, 128):
+            raise ValueError(
+                f"quantization_config.weight_block_size {list(self.weight_block_size)} is not supported; "
+                "raymoe's FP8 kernels use [128, 128] blocks, as DeepSeek's checkpoints do"
+            )
         if self.scale_fmt not in (None, "ue8m0"):
             raise ValueError(f"quantization_config.scale_fmt {self.scale_fmt!r} is not supported; use ue8m0 or omit it")
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from model.config import ModelArgs
 from model.layers import MLP
 
@@ -85,6 +86,8 @@ def run_experts(x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None):
         super().__init__()
+        self.fp8 = fp8_block is not None
+        self._stacked: tuple[torch.Tensor, ...] | None = None
         self.gate = Gate(args)
         self.experts = nn.ModuleList(
             MLP(args.hidden_size, args.moe_intermediate_size, dtype, fp8_block)
@@ -95,8 +98,27 @@ class MoE(nn.Module):
             if args.n_shared_experts else None
         )
 
+    def stacked_fp8(self) -> tuple[torch.Tensor, ...]:
+        """The routed experts' FP8 weights and scales stacked per projection, for the grouped GEMM:
+        gate [E, inter, hidden], its scales, up, its scales, down [E, hidden, inter], its scales."""
+        if self._stacked is None:
+            parts = []
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                linears = [getattr(e, proj) for e in self.experts]
+                parts += [torch.stack([lin.weight for lin in linears]),
+                          torch.stack([lin.weight_scale_inv for lin in linears])]
+            self._stacked = tuple(parts)
+        return self._stacked
+
+    def reset_caches(self) -> None:
+        self._stacked = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = run_experts(x, self.gate(x), self.experts)
+        routing = self.gate(x)
+        if self.fp8:
+            y = kernels.moe_fp8(x, routing.indices, routing.weights, *self.stacked_fp8())
+        else:
+            y = run_experts(x, routing, self.experts)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y

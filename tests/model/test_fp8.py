@@ -34,15 +34,32 @@ def test_quantize_weight_round_trip():
     assert ((back - w).abs() <= w.abs() * 2**-4 + s.max() * 2**-9).all()
 
 
+def _median_rel_err(a, b):
+    return ((a - b).abs().mean(-1) / b.abs().mean()).median().item()
+
+
 def test_fp8_model_matches_dequantised_twin(tiny_fp8_dir):
+    """The FP8 path quantises activations per token (groups of 128, e4m3: ~3% rounding per value),
+    the twin runs the same dequantised weights on unquantised activations. Tolerance: median
+    per-position mean |diff| <= 12% of mean |logit| (4 layers of a random model, where near-tie
+    expert choices flip for some tokens), and most greedy tokens agree."""
     fp8 = load_model(tiny_fp8_dir, torch.float32, progress=False)
     twin = load_model(tiny_fp8_dir, torch.float32, progress=False, dequantize_fp8=True)
     assert fp8.model.layers[1].self_attn.q_b_proj.weight.dtype == torch.float8_e4m3fn
     assert twin.model.layers[1].self_attn.q_b_proj.weight.dtype == torch.float32
-    rows = [list(range(1, 30)), list(range(200, 210))]
+    rows = [list(range(1, 30)), list(range(200, 230))]
     for a, b in zip(full_logits(fp8, rows), full_logits(twin, rows), strict=True):
-        # same dequantised weights, computed on the fly vs once at load: float32 rounding only
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+        assert _median_rel_err(a, b) < 0.12
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.7
+
+
+def test_fp8_linear_close_to_dequantised_matmul(tiny_fp8_dir):
+    fp8 = load_model(tiny_fp8_dir, torch.float32, progress=False)
+    lin = fp8.model.layers[1].self_attn.q_b_proj
+    x = torch.randn(16, lin.in_features, generator=torch.Generator().manual_seed(0))
+    want = x @ lin.dense_weight(torch.float32).T
+    # activation rounding (<= 2^-4 relative per value) averages down over the 96-long dot products
+    assert ((lin(x) - want).abs().mean() / want.abs().mean()).item() < 0.03
 
 
 def test_fp8_close_to_bf16_original(tiny_dir, tiny_fp8_dir):
@@ -51,5 +68,4 @@ def test_fp8_close_to_bf16_original(tiny_dir, tiny_fp8_dir):
     ref = load_model(tiny_dir, torch.float32, progress=False)
     rows = [list(range(1, 30))]
     a, b = full_logits(fp8, rows)[0], full_logits(ref, rows)[0]
-    rel = ((a - b).abs().mean(-1) / b.abs().mean()).median().item()
-    assert rel < 0.15
+    assert _median_rel_err(a, b) < 0.15

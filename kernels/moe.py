@@ -1,0 +1,35 @@
+"""The routed experts of one MoE layer on block-FP8 weights, through the grouped FP8 GEMM.
+
+Not a kernel itself: it sorts tokens by expert and calls the ``kernels`` wrappers, so the same
+code runs the Triton kernels on GPU and their torch twins on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+
+def moe_fp8(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+            gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor, up_s: torch.Tensor,
+            down_w: torch.Tensor, down_s: torch.Tensor) -> torch.Tensor:
+    """``x`` [T, hidden]; ``indices``/``weights`` [T, top_k] (expert ids into the stacked weights,
+    multipliers); ``gate_w``/``up_w`` [E, inter, hidden] and ``down_w`` [E, hidden, inter] FP8 with
+    their block scales. Returns sum_k weights[t,k] * expert_k(x[t]) as [T, hidden] in ``x.dtype``."""
+    n_experts = gate_w.shape[0]
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    rows = order // indices.shape[1]
+    counts = torch.bincount(flat, minlength=n_experts)
+    offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=x.device)
+    offsets[1:] = counts.cumsum(0)
+    a, a_s = kernels.act_quant(x[rows])
+    gate = kernels.grouped_fp8_gemm(a, a_s, gate_w, gate_s, offsets)
+    up = kernels.grouped_fp8_gemm(a, a_s, up_w, up_s, offsets)
+    h, h_s = kernels.act_quant(F.silu(gate.float()) * up.float())
+    y = kernels.grouped_fp8_gemm(h, h_s, down_w, down_s, offsets)  # [T * top_k, hidden]
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    out.index_add_(0, rows, y.float() * weights.flatten()[order, None].float())
+    return out.to(x.dtype)

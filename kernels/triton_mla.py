@@ -1,0 +1,75 @@
+"""Triton MLA decode: absorbed attention of one query per sequence over the paged latent cache.
+
+One program per (sequence, group of BLOCK_H heads) streams the sequence's cached latents and
+rope keys block by block with an online softmax (running max and sum in float32), so any
+sequence length works in fixed registers. Same signature as ``kernels.reference.mla_decode``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mla_decode_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, bt_ptr, lens_ptr, out_ptr,
+                       H, R, P, bt_stride, block_size, scale,
+                       BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    b = tl.program_id(0)
+    hg = tl.program_id(1)
+    heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = heads < H
+    rr = tl.arange(0, BLOCK_R)
+    rp = tl.arange(0, BLOCK_P)
+    r_mask, p_mask = rr < R, rp < P
+    q = tl.load(q_ptr + (b * H + heads[:, None]) * R + rr[None, :],
+                mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # [BH, R]
+    qpe = tl.load(qpe_ptr + (b * H + heads[:, None]) * P + rp[None, :],
+                  mask=h_mask[:, None] & p_mask[None, :], other=0.0)  # [BH, P]
+    seq_len = tl.load(lens_ptr + b)
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_R), dtype=tl.float32)
+    for start in range(0, seq_len, BLOCK_N):
+        pos = start + tl.arange(0, BLOCK_N)
+        n_mask = pos < seq_len
+        blk = tl.load(bt_ptr + b * bt_stride + pos // block_size, mask=n_mask, other=0)
+        slot = blk.to(tl.int64) * block_size + pos % block_size
+        kv = tl.load(kv_ptr + slot[:, None] * R + rr[None, :], mask=n_mask[:, None] & r_mask[None, :],
+                     other=0.0)  # [BN, R]
+        pe = tl.load(pe_ptr + slot[:, None] * P + rp[None, :], mask=n_mask[:, None] & p_mask[None, :],
+                     other=0.0)  # [BN, P]
+        s = tl.dot(q, tl.trans(kv)).to(tl.float32) + tl.dot(qpe, tl.trans(pe)).to(tl.float32)
+        s = tl.where(n_mask[None, :], s * scale, float("-inf"))  # [BH, BN]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (b * H + heads[:, None]) * R + rr[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=h_mask[:, None] & r_mask[None, :])
+
+
+def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
+               block_table: torch.Tensor, seq_lens: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    b, h, r = q_lat.shape
+    p = q_pe.shape[-1]
+    block_size = kv_cache.shape[1]
+    q_lat = q_lat.contiguous()
+    out = torch.empty(b, h, r, dtype=q_lat.dtype, device=q_lat.device)
+    q_pe = q_pe.contiguous().to(q_lat.dtype)
+    kv_cache, pe_cache = kv_cache.contiguous(), pe_cache.contiguous()
+    block_table, seq_lens = block_table.contiguous(), seq_lens.contiguous()
+    block_h = 16
+    block_r = max(16, triton.next_power_of_2(r))
+    block_p = max(16, triton.next_power_of_2(p))
+    block_n = 64 if block_r <= 128 else 32
+    grid = (b, triton.cdiv(h, block_h))
+    _mla_decode_kernel[grid](q_lat, q_pe, kv_cache.to(q_lat.dtype), pe_cache.to(q_lat.dtype), block_table,
+                             seq_lens, out, h, r, p, block_table.stride(0), block_size, softmax_scale,
+                             BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=block_p)
+    return out

@@ -1,0 +1,41 @@
+"""The model gives the same outputs through the Triton kernels (interpreted on CPU) and the torch twins."""
+
+import pytest
+import torch
+
+from model.generate import LocalLLM
+from model.sampling import SamplingParams
+from tests.helpers import full_logits
+
+pytest.importorskip("triton")
+PARAMS = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True, logprobs=5)
+PROMPTS = ["Hello experts", [7, 8, 9, 10, 11, 12, 13, 14, 15]]
+
+
+def _run(path, backend, monkeypatch):
+    monkeypatch.setenv("RAYMOE_KERNELS", backend)
+    llm = LocalLLM(path, dtype="float32", progress=False)
+    logits = full_logits(llm.model, [list(range(3, 20))])[0]
+    return llm.generate(PROMPTS, PARAMS), logits
+
+
+@pytest.mark.parametrize("fixture", ["tiny_fp8_dir", "tiny_dir"])
+def test_triton_path_matches_torch_path(fixture, request, monkeypatch):
+    path = request.getfixturevalue(fixture)
+    torch_out, torch_logits = _run(path, "torch", monkeypatch)
+    triton_out, triton_logits = _run(path, "triton", monkeypatch)
+    # both accumulate FP8 products per 128-block in float32 and round GEMM outputs to bf16 the same way;
+    # only the summation order inside a block differs, so a rare bf16 rounding flip is all that may differ
+    assert ((triton_logits - torch_logits).abs().mean() / torch_logits.abs().mean()).item() < 1e-3
+    for a, b in zip(torch_out, triton_out, strict=True):
+        assert a.output_ids == b.output_ids
+        for pa, pb in zip(a.top_logprobs, b.top_logprobs, strict=True):
+            assert abs(pa[0][1] - pb[0][1]) < 0.05
+
+
+def test_backend_override_is_validated(monkeypatch):
+    import kernels
+
+    monkeypatch.setenv("RAYMOE_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="RAYMOE_KERNELS"):
+        kernels.backend_for(torch.zeros(1))
