@@ -70,9 +70,11 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     if args.what == "generate":
         from cluster.bench_generate import main as bench_main
-
-        return bench_main(args)
-    raise SystemExit(f"error: unknown benchmark {args.what!r}")
+    else:
+        from cluster.bench_kernels import main as bench_main
+    if args.out is None:
+        args.out = f"bench-results/{args.what}.json"
+    return bench_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,14 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["generate"])
+    p.add_argument("what", choices=["generate", "kernels"])
     p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="bench-results/generate.json")
+    p.add_argument("--out", default=None, help="JSON file (default: bench-results/WHAT.json)")
     p.set_defaults(func=cmd_bench)
     return parser
 
