@@ -12,24 +12,35 @@ import torch.nn.functional as F
 import kernels
 
 
+def sort_by_expert(indices: torch.Tensor, n_experts: int):
+    """Order the ``[T, top_k]`` expert choices by expert: returns ``order`` (positions into the
+    flattened choices), ``rows`` (the token of each sorted choice) and ``offsets`` [E+1]."""
+    flat = indices.flatten()
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=indices.device)
+    offsets[1:] = counts.cumsum(0)
+    return order, order // indices.shape[1], offsets
+
+
+def swiglu_fp8_sorted(x: torch.Tensor, offsets: torch.Tensor, gate_w, gate_s, up_w, up_s, down_w, down_s):
+    """Expert-sorted rows ``x`` [N, hidden] (rows ``offsets[e]..offsets[e+1]-1`` go to expert ``e``)
+    through their experts' SwiGLU on FP8 weights: three grouped GEMM launches. -> [N, hidden] bf16."""
+    a, a_s = kernels.act_quant(x)
+    gate = kernels.grouped_fp8_gemm(a, a_s, gate_w, gate_s, offsets)
+    up = kernels.grouped_fp8_gemm(a, a_s, up_w, up_s, offsets)
+    h, h_s = kernels.act_quant(F.silu(gate.float()) * up.float())
+    return kernels.grouped_fp8_gemm(h, h_s, down_w, down_s, offsets)
+
+
 def moe_fp8(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             gate_w: torch.Tensor, gate_s: torch.Tensor, up_w: torch.Tensor, up_s: torch.Tensor,
             down_w: torch.Tensor, down_s: torch.Tensor) -> torch.Tensor:
     """``x`` [T, hidden]; ``indices``/``weights`` [T, top_k] (expert ids into the stacked weights,
     multipliers); ``gate_w``/``up_w`` [E, inter, hidden] and ``down_w`` [E, hidden, inter] FP8 with
     their block scales. Returns sum_k weights[t,k] * expert_k(x[t]) as [T, hidden] in ``x.dtype``."""
-    n_experts = gate_w.shape[0]
-    flat = indices.flatten()
-    order = flat.argsort(stable=True)
-    rows = order // indices.shape[1]
-    counts = torch.bincount(flat, minlength=n_experts)
-    offsets = torch.zeros(n_experts + 1, dtype=torch.int64, device=x.device)
-    offsets[1:] = counts.cumsum(0)
-    a, a_s = kernels.act_quant(x[rows])
-    gate = kernels.grouped_fp8_gemm(a, a_s, gate_w, gate_s, offsets)
-    up = kernels.grouped_fp8_gemm(a, a_s, up_w, up_s, offsets)
-    h, h_s = kernels.act_quant(F.silu(gate.float()) * up.float())
-    y = kernels.grouped_fp8_gemm(h, h_s, down_w, down_s, offsets)  # [T * top_k, hidden]
+    order, rows, offsets = sort_by_expert(indices, gate_w.shape[0])
+    y = swiglu_fp8_sorted(x[rows], offsets, gate_w, gate_s, up_w, up_s, down_w, down_s)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     out.index_add_(0, rows, y.float() * weights.flatten()[order, None].float())
     return out.to(x.dtype)

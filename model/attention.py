@@ -102,6 +102,8 @@ class MLA(nn.Module):
                 absorb: bool = True) -> torch.Tensor:
         """``x`` [T, hidden] -> [T, hidden]; writes this step's latents into the caches
         (``kv_cache`` [slots, kv_lora_rank], ``pe_cache`` [slots, qk_rope_head_dim]) first."""
+        if x.shape[0] == 0:  # a shard with no tokens this step still runs every layer (collectives)
+            return x.new_zeros(x.shape)
         q_nope, q_pe, c_kv, k_pe = self.project(x, meta)
         kv_cache[meta.slot_mapping] = c_kv.to(kv_cache.dtype)
         pe_cache[meta.slot_mapping] = k_pe.to(pe_cache.dtype)

@@ -129,7 +129,8 @@ def load_into(module: torch.nn.Module, reader: CheckpointReader, prefix: str = "
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
-               with_mtp: bool = True, progress: bool = True, dequantize_fp8: bool = False):
+               with_mtp: bool = True, progress: bool = True, dequantize_fp8: bool = False,
+               routed_experts: bool = True):
     """Build the single-process model for the checkpoint at ``path`` and load its weights.
     ``dequantize_fp8``: run an FP8 checkpoint with ``dtype`` weights (dequantised once at load)."""
     from model.transformer import Transformer
@@ -139,7 +140,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     if dequantize_fp8:
         args = args.replace(quant=None)
     with torch.device("meta"):
-        model = Transformer(args, dtype, with_mtp=with_mtp)
+        model = Transformer(args, dtype, with_mtp=with_mtp, routed_experts=routed_experts)
     model = model.to_empty(device=device)
     model.rotary = type(model.rotary)(args).to(device)
     load_into(model, reader, progress=progress)

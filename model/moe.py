@@ -7,6 +7,7 @@ cluster's business, not this module's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -83,15 +84,81 @@ def run_experts(x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+class ExpertBank:
+    """Routed experts' weights for a set of physical slots, stacked per projection: ``gate``/``up``
+    [S, moe_inter, hidden] and ``down`` [S, hidden, moe_inter], float or FP8 with block scales.
+    A slot holds one logical expert (or nothing yet: a spare slot for a replica)."""
+
+    PROJ = ("gate_proj", "up_proj", "down_proj")
+
+    def __init__(self, weights: dict[str, torch.Tensor], scales: dict[str, torch.Tensor] | None = None):
+        self.weights, self.scales = weights, scales
+
+    @property
+    def fp8(self) -> bool:
+        return self.scales is not None
+
+    @property
+    def num_slots(self) -> int:
+        return self.weights["gate_proj"].shape[0]
+
+    @classmethod
+    def load(cls, reader, layer_id: int, logical: list[int | None], args: ModelArgs, dtype: torch.dtype,
+             device: str | torch.device = "cpu") -> ExpertBank:
+        """Read the experts ``logical[slot]`` of MoE layer ``layer_id`` (``None``: an empty spare slot)."""
+        fp8 = args.quant is not None
+        names = []
+        for e in logical:
+            if e is not None:
+                base = f"model.layers.{layer_id}.mlp.experts.{e}."
+                names += [base + p + ".weight" for p in cls.PROJ]
+                names += [base + p + ".weight_scale_inv" for p in cls.PROJ] if fp8 else []
+        t = reader.read(names, device=device)
+        weights, scales = {}, {}
+        shapes = {"gate_proj": (args.moe_intermediate_size, args.hidden_size),
+                  "up_proj": (args.moe_intermediate_size, args.hidden_size),
+                  "down_proj": (args.hidden_size, args.moe_intermediate_size)}
+        for p, (o, i) in shapes.items():
+            w_dtype = torch.float8_e4m3fn if fp8 else dtype
+            weights[p] = torch.zeros(len(logical), o, i, dtype=w_dtype, device=device)
+            scales[p] = torch.zeros(len(logical), -(-o // 128), -(-i // 128), dtype=torch.float32, device=device)
+            for slot, e in enumerate(logical):
+                if e is None:
+                    continue
+                base = f"model.layers.{layer_id}.mlp.experts.{e}.{p}."
+                weights[p][slot] = t[base + "weight"].to(w_dtype)
+                if fp8:
+                    scales[p][slot] = t[base + "weight_scale_inv"]
+        return cls(weights, scales if fp8 else None)
+
+    def forward_sorted(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by slot (``offsets`` [S+1]) through their slot's SwiGLU expert -> [N, hidden]."""
+        w = self.weights
+        if self.fp8:
+            s = self.scales
+            return kernels.moe.swiglu_fp8_sorted(x, offsets, w["gate_proj"], s["gate_proj"], w["up_proj"],
+                                                 s["up_proj"], w["down_proj"], s["down_proj"]).to(x.dtype)
+        y = torch.empty(x.shape[0], w["down_proj"].shape[1], dtype=x.dtype, device=x.device)
+        bounds = offsets.tolist()
+        for slot in range(self.num_slots):
+            lo, hi = bounds[slot], bounds[slot + 1]
+            if hi > lo:
+                h = F.silu(F.linear(x[lo:hi], w["gate_proj"][slot])) * F.linear(x[lo:hi], w["up_proj"][slot])
+                y[lo:hi] = F.linear(h, w["down_proj"][slot])
+        return y
+
+
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None, routed_experts: bool = True):
         super().__init__()
         self.fp8 = fp8_block is not None
         self._stacked: tuple[torch.Tensor, ...] | None = None
+        # set by the cluster's attention shard: sends the routed part to the expert actors
+        self.remote_experts: Callable[[torch.Tensor, Routing], torch.Tensor] | None = None
         self.gate = Gate(args)
         self.experts = nn.ModuleList(
             MLP(args.hidden_size, args.moe_intermediate_size, dtype, fp8_block)
-            for _ in range(args.n_routed_experts)
+            for _ in range(args.n_routed_experts if routed_experts else 0)
         )
         self.shared_experts = (
             MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype, fp8_block)
@@ -115,7 +182,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.gate(x)
-        if self.fp8:
+        if self.remote_experts is not None:
+            y = self.remote_experts(x, routing)
+        elif self.fp8:
             y = kernels.moe_fp8(x, routing.indices, routing.weights, *self.stacked_fp8())
         else:
             y = run_experts(x, routing, self.experts)

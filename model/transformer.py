@@ -13,12 +13,13 @@ from model.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, fp8_block=None):
+    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, fp8_block=None,
+                 routed_experts: bool = True):
         super().__init__()
         self.layer_id = layer_id
         self.self_attn = MLA(args, dtype, fp8_block)
         if args.is_moe_layer(layer_id):
-            self.mlp = MoE(args, dtype, fp8_block)
+            self.mlp = MoE(args, dtype, fp8_block, routed_experts)
         else:
             self.mlp = MLP(args.hidden_size, args.intermediate_size, dtype, fp8_block)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
@@ -63,11 +64,12 @@ class MTPBlock(Block):
 
 
 class Model(nn.Module):
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None, with_mtp: bool = True):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None, with_mtp: bool = True,
+                 routed_experts: bool = True):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
-        layers = [Block(args, i, dtype, fp8_block) for i in range(args.num_hidden_layers)]
+        layers = [Block(args, i, dtype, fp8_block, routed_experts) for i in range(args.num_hidden_layers)]
         if with_mtp:
             n = args.num_hidden_layers
             layers += [MTPBlock(args, n + i, dtype, fp8_block) for i in range(args.num_nextn_predict_layers)]
@@ -78,7 +80,9 @@ class Model(nn.Module):
 class Transformer(nn.Module):
     """Embedding, ``num_hidden_layers`` blocks, final norm and ``lm_head`` (+ MTP layers)."""
 
-    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True,
+                 routed_experts: bool = True):
+        """``routed_experts=False``: everything but the routed experts (an attention shard's part)."""
         super().__init__()
         if args.model_type == "deepseek_v32":
             raise NotImplementedError(
@@ -87,13 +91,17 @@ class Transformer(nn.Module):
             )
         self.args, self.dtype = args, dtype
         fp8_block = args.quant.weight_block_size if args.quant else None
-        self.model = Model(args, dtype, fp8_block, with_mtp)
+        self.model = Model(args, dtype, fp8_block, with_mtp, routed_experts)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, dtype=dtype)
         self.rotary = RotaryEmbedding(args)
 
     @property
     def num_layers(self) -> int:
         return self.args.num_hidden_layers
+
+    @property
+    def moe_modules(self) -> dict[int, MoE]:
+        return {i: self.model.layers[i].mlp for i in self.args.moe_layers}
 
     @property
     def mtp_layers(self) -> list[MTPBlock]:

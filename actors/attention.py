@@ -1,0 +1,91 @@
+"""AttentionActor: one data-parallel shard of the running sequences.
+
+Holds every non-expert weight (embedding, attention, dense MLPs, shared experts, gates, norms,
+head) and the paged compressed MLA cache of its sequences; the routed experts are reached through
+the dispatcher. Samples its sequences' next tokens itself.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from actors.collective import GroupInfo, init_group, node_address
+from actors.dispatch import Dispatcher, Timer
+from actors.messages import StepOutput, StepPlan
+from actors.placement import Placement, RoutingTable
+from model.cache import MLACache
+from model.checkpoint import load_model
+from model.generate import DTYPES
+from model.sampling import make_generator, sample
+
+
+class AttentionShard:
+    """The shard's logic, usable without Ray (the actor below wraps it)."""
+
+    def __init__(self, model_dir: str, dtype: str, num_blocks: int, block_size: int, torch_threads: int = 1,
+                 device: str = "cpu"):
+        torch.set_num_threads(torch_threads)
+        self.device = device
+        self.model = load_model(model_dir, DTYPES[dtype], device, with_mtp=False, progress=False,
+                                routed_experts=False)
+        self.args = self.model.args
+        self.cache = MLACache(self.args, self.args.num_hidden_layers, num_blocks, block_size, DTYPES[dtype],
+                              device)
+        self.samplers: dict[int, tuple] = {}
+        self.timer = Timer()
+        self.info: GroupInfo | None = None
+        self.group = None
+        self.dispatcher: Dispatcher | None = None
+
+    def address(self) -> tuple[str, int]:
+        return node_address()
+
+    def init_group(self, info: GroupInfo, master_addr: str, master_port: int, placement: Placement) -> bool:
+        self.info = info
+        self.group = init_group(info, master_addr, master_port)
+        self.set_placement(placement)
+        return True
+
+    def set_placement(self, placement: Placement) -> int:
+        table = RoutingTable(placement, self.info.num_attention)
+        self.dispatcher = Dispatcher(self.info, self.group, table, self.args.n_routed_experts, self.timer)
+        for layer, moe in self.model.moe_modules.items():
+            moe.remote_experts = lambda x, routing, layer=layer: self.dispatcher(layer, x, routing)
+        return placement.version
+
+    @torch.inference_mode()
+    def step(self, plan: StepPlan) -> StepOutput:
+        t0 = time.perf_counter()
+        self.timer.seconds.clear()
+        for seq_id in plan.release:
+            self.samplers.pop(seq_id, None)
+        for c in plan.chunks:
+            if c.params is not None:
+                self.samplers[c.seq_id] = (c.params, make_generator(c.params, self.device))
+        seqs = [(c.seq_id, c.start, c.start + len(c.tokens)) for c in plan.chunks]
+        meta = self.cache.build_meta(seqs, {c.seq_id: c.block_table for c in plan.chunks})
+        ids = torch.tensor([t for c in plan.chunks for t in c.tokens], dtype=torch.long, device=self.device)
+        hidden = self.model(ids, meta, self.cache)
+        sampled = {}
+        picks = [i for i, c in enumerate(plan.chunks) if c.sample]
+        if picks:
+            last = torch.tensor([meta.query_starts[i + 1] - 1 for i in picks], device=self.device)
+            logits = self.model.logits(hidden[last])
+            for row, i in zip(logits, picks, strict=True):
+                c = plan.chunks[i]
+                params, gen = self.samplers[c.seq_id]
+                sampled[c.seq_id] = sample(row, params, gen)
+        load = {layer: t.tolist() for layer, t in self.dispatcher.load.items()}
+        self.dispatcher.load.clear()
+        seconds = dict(self.timer.seconds)
+        moe_time = sum(seconds.values())
+        seconds["attention_and_dense"] = time.perf_counter() - t0 - moe_time
+        return StepOutput(sampled, load, seconds, len(ids))
+
+
+@ray.remote
+class AttentionActor(AttentionShard):
+    pass

@@ -1,0 +1,64 @@
+"""The data plane: one torch.distributed process group over all attention and expert actors.
+
+Rank and group are data: ``GroupInfo`` is given to each actor; the helpers take the group as an
+argument. Tensors cross as raw bytes (a ``uint8`` view), so any dtype travels, FP8 included, on
+gloo as well as NCCL.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class GroupInfo:
+    rank: int
+    world_size: int
+    num_attention: int  # ranks 0..num_attention-1 are attention shards, the rest expert actors
+    backend: str = "gloo"
+    timeout_s: float = 120.0
+
+    @property
+    def expert_ranks(self) -> range:
+        return range(self.num_attention, self.world_size)
+
+
+def node_address() -> tuple[str, int]:
+    """This node's IP and a free TCP port on it (for the group's rendezvous)."""
+    import ray
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def init_group(info: GroupInfo, master_addr: str, master_port: int) -> dist.ProcessGroup:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group(info.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=info.rank,
+                            world_size=info.world_size, timeout=timedelta(seconds=info.timeout_s))
+    return dist.group.WORLD
+
+
+def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
+    """Each rank's per-destination row counts [world] -> rows it will receive from each source."""
+    recv = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv, send_counts, group=group)
+    return recv
+
+
+def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+    """Send the rows of ``x`` [N, width], ``send_counts[r]`` of them to rank ``r`` (in rank order);
+    receive the rows sent to this rank, ``recv_counts[r]`` from rank ``r``, concatenated in rank order."""
+    assert x.dim() == 2, "rows must be a 2-D tensor"
+    row_bytes = x.shape[1] * x.element_size()
+    send = x.contiguous().view(torch.uint8).reshape(x.shape[0], row_bytes)
+    recv = torch.empty(sum(recv_counts), row_bytes, dtype=torch.uint8, device=x.device)
+    dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
+    return recv.view(x.dtype).reshape(-1, x.shape[1])

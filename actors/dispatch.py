@@ -1,0 +1,81 @@
+"""Dispatch and combine: routed tokens go to the expert actors that hold their chosen physical
+experts and come back, per MoE layer, over ``all_to_all_single`` with uneven splits.
+
+Both sides run the same four collectives per MoE layer, in order: counts, rows, slot ids, results.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from actors.collective import GroupInfo, all_to_all_rows, exchange_counts
+from actors.placement import RoutingTable
+from model.moe import ExpertBank, Routing
+
+
+class Timer:
+    """Accumulated seconds per phase of a step."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - since
+        return now
+
+
+class Dispatcher:
+    """The attention shard's side: sends routed rows out and sums the experts' results back."""
+
+    def __init__(self, info: GroupInfo, group, table: RoutingTable, n_experts: int, timer: Timer):
+        self.info, self.group, self.table, self.timer = info, group, table, timer
+        self.n_experts = n_experts
+        self.load: dict[int, torch.Tensor] = {}  # layer -> tokens per logical expert this step
+
+    def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        t = time.perf_counter()
+        flat = routing.indices.flatten()
+        self.load[layer] = torch.bincount(flat.cpu(), minlength=self.n_experts)
+        rank, slot = self.table.choose(layer, routing.indices)
+        order = rank.argsort(stable=True)  # group the rows by destination rank
+        token = order // routing.indices.shape[1]
+        send = torch.bincount(rank, minlength=self.info.world_size)
+        t = self.timer.add("gate", t)
+        recv = exchange_counts(send, self.group)
+        send_l, recv_l = send.tolist(), recv.tolist()
+        all_to_all_rows(x[token], send_l, recv_l, self.group)
+        all_to_all_rows(slot[order, None], send_l, recv_l, self.group)
+        t = self.timer.add("dispatch", t)
+        back = all_to_all_rows(x.new_empty(0, x.shape[1]), recv_l, send_l, self.group)  # [T*k, hidden]
+        t = self.timer.add("combine_wait", t)
+        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        y.index_add_(0, token, back.float() * routing.weights.flatten()[order, None])
+        self.timer.add("combine", t)
+        return y.to(x.dtype)
+
+
+def serve_expert_layer(info: GroupInfo, group, bank: ExpertBank, hidden: int, dtype: torch.dtype,
+                       timer: Timer) -> int:
+    """The expert actor's side of one MoE layer; returns the number of rows it computed."""
+    t = time.perf_counter()
+    send = torch.zeros(info.world_size, dtype=torch.int64)
+    recv = exchange_counts(send, group)
+    send_l, recv_l = send.tolist(), recv.tolist()
+    rows = all_to_all_rows(torch.empty(0, hidden, dtype=dtype), send_l, recv_l, group)
+    slots = all_to_all_rows(torch.empty(0, 1, dtype=torch.int64), send_l, recv_l, group)[:, 0]
+    t = timer.add("dispatch", t)
+    order = slots.argsort(stable=True)
+    counts = torch.bincount(slots, minlength=bank.num_slots)
+    offsets = torch.zeros(bank.num_slots + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)
+    out = torch.empty_like(rows)
+    if rows.shape[0]:
+        out[order] = bank.forward_sorted(rows[order], offsets).to(dtype)
+    t = timer.add("experts", t)
+    all_to_all_rows(out, recv_l, send_l, group)
+    timer.add("combine", t)
+    return rows.shape[0]

@@ -1,0 +1,40 @@
+"""What travels over Ray between the engine and the actors each step: small, typed messages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from model.sampling import SamplingParams
+
+
+@dataclass
+class ChunkPlan:
+    """Compute positions ``start..start+len(tokens)-1`` of a sequence; sample the next token after it
+    when ``sample``. ``params`` comes with a sequence's first chunk (its sampler is made then)."""
+
+    seq_id: int
+    tokens: list[int]
+    start: int
+    block_table: list[int]
+    sample: bool
+    params: SamplingParams | None = None
+
+
+@dataclass
+class StepPlan:
+    chunks: list[ChunkPlan] = field(default_factory=list)
+    release: list[int] = field(default_factory=list)  # finished or cancelled sequences: drop their samplers
+
+
+@dataclass
+class StepOutput:
+    sampled: dict[int, tuple[int, list[tuple[int, float]]]]  # seq_id -> (token, top logprobs)
+    load: dict[int, list[int]]  # MoE layer -> tokens per logical expert
+    seconds: dict[str, float]  # per phase
+    num_tokens: int = 0
+
+
+@dataclass
+class ExpertStepOutput:
+    rows: list[int]  # rows computed per MoE layer
+    seconds: dict[str, float]

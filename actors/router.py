@@ -1,0 +1,45 @@
+"""RouterActor: owns the expert placement (logical -> physical table with replicas) and the
+per-(layer, expert) load statistics. It publishes a table version; it is never on the token path."""
+
+from __future__ import annotations
+
+import ray
+import torch
+
+from actors.placement import Placement
+
+
+class Router:
+    def __init__(self, placement: Placement, n_experts: int, window: int = 64):
+        self.placement = placement
+        self.n_experts = n_experts
+        self.window = window
+        self.history: list[dict[int, list[int]]] = []
+        self.total = {layer: [0] * n_experts for layer in placement.layers}
+
+    def get_placement(self) -> Placement:
+        return self.placement
+
+    def version(self) -> int:
+        return self.placement.version
+
+    def record_load(self, load: dict[int, list[int]]) -> None:
+        """Tokens per logical expert of one step (summed over shards)."""
+        self.history.append(load)
+        del self.history[:-self.window]
+        for layer, counts in load.items():
+            self.total[layer] = [a + b for a, b in zip(self.total[layer], counts, strict=True)]
+
+    def load_stats(self) -> dict:
+        """Total tokens per (layer, logical expert) since start, and over the recent window."""
+        window = {layer: torch.zeros(self.n_experts, dtype=torch.long) for layer in self.total}
+        for step in self.history:
+            for layer, counts in step.items():
+                window[layer] += torch.tensor(counts)
+        replicas = {layer: [len(r) for r in table] for layer, table in self.placement.layers.items()}
+        return {"total": self.total, "window": {k: v.tolist() for k, v in window.items()}, "replicas": replicas}
+
+
+@ray.remote(num_cpus=0)
+class RouterActor(Router):
+    pass

@@ -1,0 +1,198 @@
+"""The public Python API of a raymoe cluster: start or connect, submit, stream, cancel, stats,
+shutdown. The command line, the web page and batch jobs use only this module.
+
+    llm = RayMoE.start("path/to/checkpoint", attention_shards=2, expert_actors=2)
+    rid = llm.submit("Hello", SamplingParams(temperature=0, max_new_tokens=32))
+    for event in llm.stream(rid):
+        print(event.text, end="")
+    llm.shutdown()
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.collective import GroupInfo
+from actors.placement import Placement
+from cluster.engine import Engine, StreamEvent
+from cluster.layout import ClusterLayout
+from cluster.scheduler import Scheduler
+from model.config import ModelArgs
+from model.sampling import SamplingParams
+from model.sequence import GenerationResult
+from model.tokenizer import Tokenizer
+
+log = logging.getLogger("raymoe")
+
+__all__ = ["RayMoE", "SamplingParams", "StreamEvent", "GenerationResult", "ClusterLayout"]
+
+
+def _ensure_ray(address: str | None, layout: ClusterLayout) -> bool:
+    """Connect to ``address`` or start embedded Ray; returns whether this call started it."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return False
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    return True
+
+
+class RayMoE:
+    """A handle on a running raymoe cluster (attention shards, expert actors, a router, the engine)."""
+
+    def __init__(self, model_dir: Path, layout: ClusterLayout, args: ModelArgs, tokenizer: Tokenizer | None,
+                 attention, experts, router, pg, engine: Engine, started_ray: bool):
+        self.model_dir, self.layout, self.args, self.tokenizer = model_dir, layout, args, tokenizer
+        self.attention, self.experts, self.router, self._pg = attention, experts, router, pg
+        self.engine, self._started_ray = engine, started_ray
+        self.started_at = time.time()
+
+    @classmethod
+    def start(cls, model: str | Path | None = None, layout: ClusterLayout | str | Path | None = None,
+              address: str | None = None, **layout_overrides) -> RayMoE:
+        """Bring up a cluster on the checkpoint ``model`` (default: the tiny demo checkpoint), in
+        embedded Ray or the cluster at ``address``."""
+        from actors.attention import AttentionActor
+        from actors.expert import ExpertActor
+        from actors.router import RouterActor
+
+        if model is None:
+            from model.tiny import default_checkpoint
+
+            model = default_checkpoint()
+        model_dir = Path(model).resolve()
+        args = ModelArgs.from_hf(model_dir)
+        if not isinstance(layout, ClusterLayout):
+            layout = ClusterLayout.load(layout, **layout_overrides)
+        tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
+        started = _ensure_ray(address, layout)
+
+        placement = Placement.initial(args.moe_layers, args.n_routed_experts, layout.expert_actors,
+                                      layout.spare_slots, layout.replicas)
+        gpus = 1 if layout.device == "cuda" else 0
+        bundles = ([{"CPU": layout.num_cpus_per_actor, "GPU": gpus, **layout.resources.get("attention", {})}]
+                   * layout.attention_shards
+                   + [{"CPU": layout.num_cpus_per_actor, "GPU": gpus, **layout.resources.get("expert", {})}]
+                   * layout.expert_actors)
+        bundles = [{k: v for k, v in b.items() if v} for b in bundles]
+        pg = placement_group(bundles, strategy=layout.placement_strategy)
+        try:
+            ray.get(pg.ready(), timeout=120)
+        except Exception as e:
+            remove_placement_group(pg)
+            raise RuntimeError(
+                f"the cluster cannot place {len(bundles)} actors with {bundles} ({layout.placement_strategy}); "
+                f"available: {ray.available_resources()}. Lower num_cpus_per_actor or the actor counts"
+            ) from e
+
+        def on(i):
+            return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+
+        common = dict(num_cpus=layout.num_cpus_per_actor, num_gpus=gpus)
+        attention = [
+            AttentionActor.options(scheduling_strategy=on(i), **common).remote(
+                str(model_dir), layout.dtype, layout.num_blocks, layout.block_size, layout.torch_threads,
+                layout.device)
+            for i in range(layout.attention_shards)
+        ]
+        experts = [
+            ExpertActor.options(scheduling_strategy=on(layout.attention_shards + i), **common).remote(
+                str(model_dir), i, placement, layout.dtype, layout.torch_threads, layout.device)
+            for i in range(layout.expert_actors)
+        ]
+        router = RouterActor.options(**({"resources": layout.resources["router"]}
+                                        if "router" in layout.resources else {})).remote(
+            placement, args.n_routed_experts)
+        actors = attention + experts
+        master_addr, master_port = ray.get(actors[0].address.remote())
+        infos = [GroupInfo(rank, layout.world_size, layout.attention_shards, layout.backend,
+                           layout.collective_timeout_s) for rank in range(layout.world_size)]
+        ray.get([a.init_group.remote(info, master_addr, master_port, placement)
+                 for a, info in zip(actors, infos, strict=True)])
+        scheduler = Scheduler(layout.attention_shards, layout.num_blocks, layout.block_size,
+                              layout.max_batch_tokens, layout.max_running)
+        eos = tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None else args.eos_token_id
+        engine = Engine(attention, experts, router, scheduler, tokenizer, eos, args.max_position_embeddings,
+                        step_timeout_s=max(60.0, 2 * layout.collective_timeout_s))
+        return cls(model_dir, layout, args, tokenizer, attention, experts, router, pg, engine, started)
+
+    # requests
+    def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
+        if isinstance(prompt, str):
+            return self._tok().encode(prompt)
+        if prompt and isinstance(prompt[0], dict):
+            return self._tok().encode_chat(prompt)
+        ids = [int(t) for t in prompt]
+        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
+        return ids
+
+    def _tok(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json; pass token ids instead of text")
+        return self.tokenizer
+
+    def submit(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None) -> int:
+        """Queue a request (text, token ids, or chat messages); returns its id. Bad input raises
+        ``ValueError`` and leaves the cluster serving the others."""
+        return self.engine.submit(self.encode(prompt), params or SamplingParams())
+
+    def stream(self, request_id: int):
+        """Yields ``StreamEvent``s until the request finishes (the last one carries the result)."""
+        return self.engine.events(request_id)
+
+    def result(self, request_id: int) -> GenerationResult:
+        for ev in self.stream(request_id):
+            if ev.finished:
+                return ev.result
+        raise RuntimeError("stream ended without a result")
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[GenerationResult]:
+        prompts = list(prompts)
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.submit(p, sp) for p, sp in zip(prompts, params, strict=True)]
+        return [self.result(i) for i in ids]
+
+    def cancel(self, request_id: int) -> None:
+        self.engine.cancel(request_id)
+
+    # watching
+    def stats(self) -> dict:
+        e, s = self.engine, self.engine.scheduler
+        window = [t for t in e.recent if t[0] > time.perf_counter() - 10]
+        span = (window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
+        shards = [{"shard": i, "waiting": len(sh.waiting), "running": len(sh.running),
+                   "blocks_used": s.blocks_used(i), "blocks_total": sh.allocator.num_blocks}
+                  for i, sh in enumerate(s.shards)]
+        avg = lambda v: sum(v[-100:]) / len(v[-100:]) if v else None
+        return {
+            "layout": {"attention_shards": self.layout.attention_shards, "expert_actors": self.layout.expert_actors},
+            "shards": shards,
+            "tokens_per_s": sum(n for _, n in window[1:]) / span if span else 0.0,
+            "ttft_s": avg(e.ttft), "tpot_s": avg(e.tpot),
+            "totals": dict(e.totals), "preemptions": s.num_preemptions,
+            "expert_load": ray.get(self.router.load_stats.remote()),
+        }
+
+    def shutdown(self) -> None:
+        self.engine.stop()
+        for a in self.attention + self.experts + [self.router]:
+            ray.kill(a)
+        remove_placement_group(self._pg)
+        if self._started_ray:
+            ray.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()

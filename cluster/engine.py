@@ -1,0 +1,207 @@
+"""The engine: drives lockstep steps over the actors and turns sampled tokens into streamed text.
+
+Each step reads as three lines: schedule, run, post-process. Runs in a background thread of the
+process that owns the cluster handle; ``submit``/``cancel`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import ray
+
+from actors.messages import ChunkPlan, StepPlan
+from cluster.scheduler import Scheduler
+from model.sampling import SamplingParams
+from model.sequence import GenerationResult, Sequence
+
+log = logging.getLogger("raymoe.engine")
+
+
+@dataclass
+class StreamEvent:
+    text: str  # new text, safe to show (never a broken character, never part of a stop string)
+    token_ids: list[int]  # new token ids
+    finished: bool = False
+    result: GenerationResult | None = None
+
+
+class Request:
+    def __init__(self, seq: Sequence):
+        self.seq = seq
+        self.events: queue.Queue[StreamEvent] = queue.Queue()
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.sent_params = False
+        self.error: str | None = None
+
+
+class Engine:
+    def __init__(self, attention_actors, expert_actors, router, scheduler: Scheduler, tokenizer, eos_token_id,
+                 max_len: int, step_timeout_s: float = 600.0):
+        self.attention, self.experts, self.router = attention_actors, expert_actors, router
+        self.scheduler, self.tokenizer, self.eos_token_id, self.max_len = scheduler, tokenizer, eos_token_id, max_len
+        self.step_timeout_s = step_timeout_s
+        self.requests: dict[int, Request] = {}
+        self._release: dict[int, list[int]] = defaultdict(list)  # shard -> seq ids to release
+        self._cancel: list[int] = []
+        self._next_id = 0
+        self._cv = threading.Condition()
+        self._stopping = False
+        self.totals = defaultdict(float)  # tokens, steps, seconds per phase, ...
+        self.recent: list[tuple[float, int]] = []  # (time, tokens generated) per step
+        self.ttft: list[float] = []
+        self.tpot: list[float] = []
+        self._thread = threading.Thread(target=self._loop, name="raymoe-engine", daemon=True)
+        self._thread.start()
+
+    # public, thread-safe
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        with self._cv:
+            seq_id = self._next_id
+            seq = Sequence(seq_id, prompt_ids, params, self.tokenizer, self.eos_token_id, self.max_len)
+            self.scheduler.add(seq_id, len(seq.prompt_ids), len(seq.prompt_ids) + seq.max_new)
+            self._next_id += 1
+            self.requests[seq_id] = Request(seq)
+            self._cv.notify()
+            return seq_id
+
+    def events(self, seq_id: int):
+        req = self.requests.get(seq_id)
+        if req is None:
+            raise KeyError(f"no request {seq_id}")
+        while True:
+            ev = req.events.get()
+            yield ev
+            if ev.finished:
+                return
+
+    def cancel(self, seq_id: int) -> None:
+        with self._cv:
+            self._cancel.append(seq_id)
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    # the loop
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._cancel and not self.scheduler.has_work():
+                    self._cv.wait()
+                if self._stopping:
+                    break
+                self._apply_cancels()
+                chunks = self.scheduler.schedule()
+                plans = self._plans(chunks)
+            if not any(p.chunks for p in plans):
+                time.sleep(0.01)
+                continue
+            try:
+                outputs = self._run(plans)
+            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the engine goes on
+                log.exception("step failed")
+                with self._cv:
+                    self._fail_all(f"step failed: {e}")
+                continue
+            with self._cv:
+                self._post_process(chunks, outputs)
+        with self._cv:
+            self._fail_all("the engine stopped")
+
+    def _apply_cancels(self) -> None:
+        for seq_id in self._cancel:
+            req = self.requests.get(seq_id)
+            if req is not None and not req.seq.finished:
+                req.seq.finish_reason = "cancelled"
+                self._finish(req)
+        self._cancel.clear()
+
+    def _plans(self, chunks) -> list[StepPlan]:
+        plans = []
+        for shard, shard_chunks in enumerate(chunks):
+            plan = StepPlan(release=self._release.pop(shard, []))
+            for c in shard_chunks:
+                req = self.requests[c.seq_id]
+                params = None if req.sent_params else req.seq.params
+                req.sent_params = True
+                plan.chunks.append(ChunkPlan(c.seq_id, req.seq.all_ids[c.start:c.end], c.start,
+                                             list(c.block_table), c.sample, params))
+            plans.append(plan)
+        return plans
+
+    def _run(self, plans: list[StepPlan]):
+        t0 = time.perf_counter()
+        attn_refs = [a.step.remote(p) for a, p in zip(self.attention, plans, strict=True)]
+        expert_refs = [e.step.remote() for e in self.experts]
+        outputs = ray.get(attn_refs, timeout=self.step_timeout_s)
+        expert_outputs = ray.get(expert_refs, timeout=self.step_timeout_s)
+        self.totals["step_seconds"] += time.perf_counter() - t0
+        for out in outputs:
+            for phase, s in out.seconds.items():
+                self.totals[f"attention.{phase}"] += s
+        for out in expert_outputs:
+            for phase, s in out.seconds.items():
+                self.totals[f"expert.{phase}"] += s
+        return outputs
+
+    def _post_process(self, chunks, outputs) -> None:
+        t0 = time.perf_counter()
+        self.scheduler.computed(chunks)
+        now = time.perf_counter()
+        generated = 0
+        load: dict[int, list[int]] = {}
+        for out in outputs:
+            for layer, counts in out.load.items():
+                load[layer] = [a + b for a, b in zip(load.get(layer, [0] * len(counts)), counts, strict=True)]
+            for seq_id, (token, top) in out.sampled.items():
+                req = self.requests.get(seq_id)
+                if req is None or req.seq.finished:
+                    continue
+                generated += 1
+                if req.first_token_at is None:
+                    req.first_token_at = now
+                    self.ttft.append(now - req.submitted)
+                piece = req.seq.append(token, top)
+                self.scheduler.appended(seq_id)
+                req.events.put(StreamEvent(piece, [token]))
+                if req.seq.finished:
+                    self._finish(req)
+        if load:
+            self.router.record_load.remote(load)
+        self.totals["steps"] += 1
+        self.totals["tokens_generated"] += generated
+        self.totals["tokens_computed"] += sum(o.num_tokens for o in outputs)
+        self.recent.append((now, generated))
+        del self.recent[:-200]
+        self.totals["scheduler_seconds"] += time.perf_counter() - t0
+
+    def _finish(self, req: Request, error: str | None = None) -> None:
+        seq = req.seq
+        shard = self.scheduler.seqs[seq.seq_id].shard if seq.seq_id in self.scheduler.seqs else None
+        self.scheduler.finish(seq.seq_id)
+        if shard is not None:
+            self._release[shard].append(seq.seq_id)
+        req.finished_at = time.perf_counter()
+        if req.first_token_at is not None and len(seq.output_ids) > 1:
+            self.tpot.append((req.finished_at - req.first_token_at) / (len(seq.output_ids) - 1))
+        result = seq.result()
+        if error:
+            result.finish_reason, result.error = "error", error
+        req.events.put(StreamEvent("", [], True, result))
+
+    def _fail_all(self, error: str) -> None:
+        for req in self.requests.values():
+            if not req.seq.finished and req.finished_at is None:
+                req.seq.finish_reason = "error"
+                self._finish(req, error)
