@@ -40,6 +40,9 @@ class AttentionShard:
         self.group = None
         self.dispatcher: Dispatcher | None = None
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
     def address(self) -> tuple[str, int]:
         return node_address()
 

@@ -59,8 +59,8 @@ class Dispatcher:
 
 
 def serve_expert_layer(info: GroupInfo, group, bank: ExpertBank, hidden: int, dtype: torch.dtype,
-                       timer: Timer) -> int:
-    """The expert actor's side of one MoE layer; returns the number of rows it computed."""
+                       timer: Timer) -> list[int]:
+    """The expert actor's side of one MoE layer; returns the rows it computed per slot."""
     t = time.perf_counter()
     send = torch.zeros(info.world_size, dtype=torch.int64)
     recv = exchange_counts(send, group)
@@ -78,4 +78,4 @@ def serve_expert_layer(info: GroupInfo, group, bank: ExpertBank, hidden: int, dt
     t = timer.add("experts", t)
     all_to_all_rows(out, recv_l, send_l, group)
     timer.add("combine", t)
-    return rows.shape[0]
+    return counts.tolist()

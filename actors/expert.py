@@ -32,6 +32,7 @@ class ExpertGroup:
         self.timer = Timer()
         self.info: GroupInfo | None = None
         self.group = None
+        self.rows_per_slot = {layer: [0] * placement.slots_per_actor for layer in self.slots}
 
     def address(self) -> tuple[str, int]:
         return node_address()
@@ -44,11 +45,24 @@ class ExpertGroup:
     def slot_contents(self) -> dict[int, list[int | None]]:
         return self.slots
 
+    def slot_load(self) -> dict[int, list[int]]:
+        """Rows computed per physical slot and MoE layer since start."""
+        return self.rows_per_slot
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     @torch.inference_mode()
     def step(self) -> ExpertStepOutput:
         self.timer.seconds.clear()
-        rows = [serve_expert_layer(self.info, self.group, self.banks[layer], self.args.hidden_size, self.dtype,
-                                   self.timer) for layer in self.args.moe_layers]
+        rows = []
+        for layer in self.args.moe_layers:
+            per_slot = serve_expert_layer(self.info, self.group, self.banks[layer], self.args.hidden_size,
+                                          self.dtype, self.timer)
+            self.rows_per_slot[layer] = [a + b for a, b in zip(self.rows_per_slot[layer], per_slot, strict=True)]
+            rows.append(sum(per_slot))
         return ExpertStepOutput(rows, dict(self.timer.seconds))
 
 

@@ -30,26 +30,23 @@ class Placement:
     def initial(cls, moe_layers: list[int], n_experts: int, num_actors: int, spare_slots: int,
                 replicas: dict[int, int] | None = None) -> Placement:
         """Contiguous groups of experts per actor; ``replicas[e]`` extra copies of expert ``e`` go to
-        spare slots of other actors (round robin), the same in every layer."""
+        spare slots of other actors (the one with the most free slots first), the same in every layer."""
         per_actor = -(-n_experts // num_actors)
         slots = per_actor + spare_slots
         table = [[(e // per_actor, e % per_actor)] for e in range(n_experts)]
         used = [min(per_actor, max(0, n_experts - a * per_actor)) for a in range(num_actors)]
-        cursor = 0
         for e, extra in sorted((replicas or {}).items()):
             if not 0 <= e < n_experts:
                 raise ValueError(f"replicas: expert {e} does not exist (0..{n_experts - 1})")
             for _ in range(extra):
-                for _ in range(num_actors):
-                    a = cursor % num_actors
-                    cursor += 1
-                    if used[a] < slots and all(a != have for have, _ in table[e]):
-                        table[e].append((a, used[a]))
-                        used[a] += 1
-                        break
-                else:
+                # the actor with the most free slots among those without a copy yet
+                free = [(slots - used[a], -a) for a in range(num_actors) if all(a != h for h, _ in table[e])]
+                if not free or max(free)[0] <= 0:
                     raise ValueError(f"replicas: no spare slot left for another copy of expert {e}; "
                                      "raise spare_slots or add expert actors")
+                a = -max(free)[1]
+                table[e].append((a, used[a]))
+                used[a] += 1
         return cls(num_actors, slots, {layer: [list(r) for r in table] for layer in moe_layers})
 
     def slot_contents(self, actor: int) -> dict[int, list[int | None]]:

@@ -159,31 +159,30 @@ class Engine:
         t0 = time.perf_counter()
         self.scheduler.computed(chunks)
         now = time.perf_counter()
-        generated = 0
         load: dict[int, list[int]] = {}
+        sampled = []
         for out in outputs:
             for layer, counts in out.load.items():
                 load[layer] = [a + b for a, b in zip(load.get(layer, [0] * len(counts)), counts, strict=True)]
-            for seq_id, (token, top) in out.sampled.items():
-                req = self.requests.get(seq_id)
-                if req is None or req.seq.finished:
-                    continue
-                generated += 1
-                if req.first_token_at is None:
-                    req.first_token_at = now
-                    self.ttft.append(now - req.submitted)
-                piece = req.seq.append(token, top)
-                self.scheduler.appended(seq_id)
-                req.events.put(StreamEvent(piece, [token]))
-                if req.seq.finished:
-                    self._finish(req)
+            sampled += [(self.requests.get(seq_id), token, top) for seq_id, (token, top) in out.sampled.items()]
+        sampled = [(req, token, top) for req, token, top in sampled if req is not None and not req.seq.finished]
         if load:
             self.router.record_load.remote(load)
+        # figures first, so that a reader woken by the events below sees them
         self.totals["steps"] += 1
-        self.totals["tokens_generated"] += generated
+        self.totals["tokens_generated"] += len(sampled)
         self.totals["tokens_computed"] += sum(o.num_tokens for o in outputs)
-        self.recent.append((now, generated))
+        self.recent.append((now, len(sampled)))
         del self.recent[:-200]
+        for req, token, top in sampled:
+            if req.first_token_at is None:
+                req.first_token_at = now
+                self.ttft.append(now - req.submitted)
+            piece = req.seq.append(token, top)
+            self.scheduler.appended(req.seq.seq_id)
+            req.events.put(StreamEvent(piece, [token]))
+            if req.seq.finished:
+                self._finish(req)
         self.totals["scheduler_seconds"] += time.perf_counter() - t0
 
     def _finish(self, req: Request, error: str | None = None) -> None:

@@ -128,17 +128,15 @@ class Scheduler:
         for seq_id in scheduled:
             s = self.seqs[seq_id]
             chunks.append(Chunk(seq_id, s.computed, s.length, True, tuple(alloc.tables[seq_id])))
-        # prefill: waiting sequences in order, in chunks, while budget and blocks last
+        # prefill: waiting sequences in order, admitted only when the blocks for all their known tokens
+        # are free; chunked by the token budget
         while shard.waiting and budget > 0 and len(shard.running) < self.max_running:
             seq_id = shard.waiting[0]
             s = self.seqs[seq_id]
-            end = min(s.length, s.computed + budget)
-            while end > s.computed and not alloc.can_grow(seq_id, end):
-                end = (alloc.num_free + len(alloc.tables.get(seq_id, ()))) * self.block_size
-                end = min(end, s.length)
-            if end <= s.computed:
+            if not alloc.can_grow(seq_id, s.length):
                 break
-            alloc.grow(seq_id, end)
+            alloc.grow(seq_id, s.length)
+            end = min(s.length, s.computed + budget)
             chunks.append(Chunk(seq_id, s.computed, end, end == s.length, tuple(alloc.tables[seq_id])))
             budget -= end - s.computed
             if end == s.length:

@@ -49,7 +49,7 @@ class Gate(nn.Module):
         scores = logits.softmax(dim=-1) if a.scoring_func == "softmax" else logits.sigmoid()
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
         if a.topk_method != "greedy" and a.n_group > 1:
-            grouped = choice.view(x.shape[0], a.n_group, -1)  # [T, G, E/G]
+            grouped = choice.view(x.shape[0], a.n_group, a.n_routed_experts // a.n_group)  # [T, G, E/G]
             if a.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:

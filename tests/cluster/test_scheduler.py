@@ -1,0 +1,73 @@
+"""The scheduler alone: no Ray, no torch."""
+
+import pytest
+
+from cluster.scheduler import Scheduler
+
+
+def _run_step(s: Scheduler, sampled_tokens=True):
+    chunks = s.schedule()
+    s.computed(chunks)
+    for shard in chunks:
+        for c in shard:
+            if c.sample and sampled_tokens:
+                s.appended(c.seq_id)
+    return chunks
+
+
+def test_scheduler_modules_do_not_use_torch():
+    import cluster.scheduler as mod
+    import model.blocks as blocks
+
+    for m in (mod, blocks):
+        assert "torch" not in m.__dict__
+
+
+def test_admission_and_chunked_prefill():
+    s = Scheduler(num_shards=1, num_blocks=64, block_size=4, max_batch_tokens=10)
+    s.add(0, prompt_len=23, max_length=30)
+    s.add(1, prompt_len=3, max_length=10)
+    steps = [_run_step(s)[0] for _ in range(4)]
+    assert [(c.seq_id, c.start, c.end, c.sample) for c in steps[0]] == [(0, 0, 10, False)]
+    assert [(c.seq_id, c.start, c.end, c.sample) for c in steps[1]] == [(0, 10, 20, False)]
+    # seq 0 finishes its prompt (3 tokens, samples), seq 1 is admitted with the rest of the budget
+    assert [(c.seq_id, c.start, c.end, c.sample) for c in steps[2]] == [(0, 20, 23, True), (1, 0, 3, True)]
+    assert [(c.seq_id, c.start, c.end, c.sample) for c in steps[3]] == [(0, 23, 24, True), (1, 3, 4, True)]
+    table = steps[3][0].block_table
+    assert len(table) == 6 and len(set(table)) == 6  # 24 tokens / 4 per block, all distinct
+
+
+def test_shard_assignment_balances():
+    s = Scheduler(num_shards=2, num_blocks=16, block_size=4, max_batch_tokens=64)
+    shards = [s.add(i, prompt_len=8, max_length=12) for i in range(4)]
+    assert sorted(shards) == [0, 0, 1, 1]
+
+
+def test_preemption_and_resumption():
+    s = Scheduler(num_shards=1, num_blocks=4, block_size=4, max_batch_tokens=64)
+    s.add(0, prompt_len=7, max_length=16)
+    s.add(1, prompt_len=7, max_length=16)
+    _run_step(s)  # both prefilled: 2 blocks each, all 4 used; lengths now 8 and 8
+    chunks = _run_step(s)[0]  # both fit position 7 in their second block
+    assert [c.seq_id for c in chunks] == [0, 1]
+    chunks = _run_step(s)[0]  # both need a third block: seq 1 (newest) is preempted
+    assert [c.seq_id for c in chunks] == [0] and s.num_preemptions == 1
+    assert s.seqs[1].computed == 0 and s.blocks_used(0) == 3
+    s.finish(0)
+    chunks = _run_step(s)[0]  # seq 1 recomputes its whole history (7 + 2 sampled tokens) and samples
+    assert [(c.seq_id, c.start, c.end, c.sample) for c in chunks] == [(1, 0, 9, True)]
+
+
+def test_finish_frees_blocks():
+    s = Scheduler(num_shards=1, num_blocks=8, block_size=4, max_batch_tokens=64)
+    s.add(0, prompt_len=9, max_length=12)
+    _run_step(s)
+    assert s.blocks_used(0) == 3
+    s.finish(0)
+    assert s.blocks_used(0) == 0 and not s.has_work()
+
+
+def test_request_larger_than_a_shard_is_rejected():
+    s = Scheduler(num_shards=1, num_blocks=2, block_size=4, max_batch_tokens=64)
+    with pytest.raises(ValueError, match="cache blocks"):
+        s.add(0, prompt_len=5, max_length=20)
