@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
+# the main job: a local cluster on embedded Ray (1 attention shard, 2 expert actors) on the tiny checkpoint
 serve: venv
 	$(VENV)/bin/raymoe generate --chat --prompt "Hello! What can a mixture of experts do?" --max-new-tokens 48
 

@@ -42,6 +42,20 @@ def _model_dir(args):
     return str(default_checkpoint())
 
 
+def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", help="join this Ray cluster (default: start embedded Ray)")
+    p.add_argument("--layout", help="cluster layout YAML (default: configs/cluster/local.yaml)")
+    p.add_argument("--attention-shards", type=int)
+    p.add_argument("--expert-actors", type=int)
+    p.add_argument("--spare-slots", type=int)
+    p.add_argument("--device", choices=["cpu", "cuda"])
+
+
+def _layout_overrides(args) -> dict:
+    return {"attention_shards": args.attention_shards, "expert_actors": args.expert_actors,
+            "spare_slots": args.spare_slots, "device": args.device, "dtype": args.dtype}
+
+
 def cmd_generate(args) -> int:
     from model.generate import LocalLLM
 
@@ -54,10 +68,15 @@ def cmd_generate(args) -> int:
     if not prompts:
         raise SystemExit("error: give at least one --prompt TEXT or --prompt-ids 1,2,3")
     params = _sampling_from(args)
-    llm = LocalLLM(_model_dir(args), dtype=args.dtype, progress=not args.json)
     if args.chat:
         prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
-    results = llm.generate(prompts, params)
+    if args.local:
+        results = LocalLLM(_model_dir(args), dtype=args.dtype, progress=not args.json).generate(prompts, params)
+    else:
+        from cluster.api import RayMoE
+
+        with RayMoE.start(_model_dir(args), args.layout, address=args.address, **_layout_overrides(args)) as llm:
+            results = llm.generate(prompts, params)
     for r in results:
         if args.json:
             print(json.dumps(r.to_json(), ensure_ascii=False), flush=True)
@@ -70,6 +89,8 @@ def cmd_generate(args) -> int:
 def cmd_bench(args) -> int:
     if args.what == "generate":
         from cluster.bench_generate import main as bench_main
+    elif args.what == "cluster":
+        from cluster.bench_cluster import main as bench_main
     else:
         from cluster.bench_kernels import main as bench_main
     if args.out is None:
@@ -90,24 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text for prompts")
     p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
-    p.add_argument("--local", action="store_true",
-                   help="run the whole model in this process (the only mode until the cluster lands)")
+    p.add_argument("--local", action="store_true", help="run the whole model in this process, without Ray")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[], help="a prompt as token ids: 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template as a user turn")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     _add_sampling_flags(p)
+    _add_cluster_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["generate", "kernels"])
+    p.add_argument("what", choices=["generate", "cluster", "kernels"])
     p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layouts", default="1x2,2x2", help="cluster layouts to measure, shards x experts")
     p.add_argument("--out", default=None, help="JSON file (default: bench-results/WHAT.json)")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -117,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

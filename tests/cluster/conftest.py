@@ -4,9 +4,9 @@ import tempfile
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """One embedded Ray for the cluster tests (auth off, its own temp dir, more logical CPUs than cores:
+    """One embedded Ray per test module (auth off, its own temp dir, more logical CPUs than cores:
     the actors are mostly idle waiting on each other)."""
     import ray
 

@@ -1,0 +1,77 @@
+"""``raymoe bench cluster``: tokens/s of the cluster (several layouts) against the single process,
+at several batch sizes, in one run, with the per-step breakdown (attention, gate, dispatch, expert
+compute, combine, scheduler). Greedy decoding of equal-length random prompts; tokens/s counts
+generated tokens over the whole request (prefill included) for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+
+def main(args) -> int:
+    import ray
+
+    from cluster.api import RayMoE
+    from cluster.cli import _model_dir
+    from model.generate import LocalLLM
+    from model.sampling import SamplingParams
+
+    path = _model_dir(args)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    layouts = [tuple(int(v) for v in lay.split("x")) for lay in args.layouts.split(",")]
+    params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
+    gen = torch.Generator().manual_seed(0)
+    local = LocalLLM(path, dtype=args.dtype, progress=False)
+    prompts = {b: torch.randint(5, local.args.vocab_size, (b, args.prompt_len), generator=gen).tolist()
+               for b in batch_sizes}
+
+    def rate(run, b):
+        run(prompts[b])  # warm-up
+        t0 = time.perf_counter()
+        run(prompts[b])
+        return b * args.new_tokens / (time.perf_counter() - t0)
+
+    rows = [{"layout": "single process", "batch": b, "tok_s": rate(lambda p: local.generate(p, params), b)}
+            for b in batch_sizes]
+    del local
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    try:
+        for shards, experts in layouts:
+            with RayMoE.start(path, attention_shards=shards, expert_actors=experts, dtype=args.dtype) as llm:
+                for b in batch_sizes:
+                    before = dict(llm.engine.totals)
+                    tok_s = rate(lambda p: llm.generate(p, params), b)
+                    after = llm.engine.totals
+                    steps = after["steps"] - before.get("steps", 0)
+                    breakdown = {k: (after[k] - before.get(k, 0)) / steps * 1e3 for k in after
+                                 if k.endswith("seconds") or "." in k}
+                    rows.append({"layout": f"{shards}x{experts}", "batch": b, "tok_s": tok_s,
+                                 "ms_per_step": breakdown})
+    finally:
+        ray.shutdown()
+    base = {r["batch"]: r["tok_s"] for r in rows if r["layout"] == "single process"}
+    print(f"tokens/s ({args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, two runs each; "
+          "the second is timed)")
+    print(f"{'layout':>14} {'batch':>5} | {'tok/s':>8} | {'vs single':>9} | ms per step: "
+          "attention+dense gate dispatch experts combine scheduler")
+    for r in rows:
+        r["ratio_vs_single"] = r["tok_s"] / base[r["batch"]]
+        bd = r.get("ms_per_step", {})
+        parts = " ".join(f"{bd.get(k, 0):.1f}" for k in (
+            "attention.attention_and_dense", "attention.gate", "attention.dispatch", "expert.experts",
+            "attention.combine", "scheduler_seconds")) if bd else ""
+        print(f"{r['layout']:>14} {r['batch']:>5} | {r['tok_s']:8.1f} | {r['ratio_vs_single']:9.2f} | {parts}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "cluster", "checkpoint": str(path), "dtype": args.dtype,
+                               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                               "cpus": os.cpu_count(), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
