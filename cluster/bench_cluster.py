@@ -39,7 +39,6 @@ def main(args) -> int:
 
     rows = [{"layout": "single process", "batch": b, "tok_s": rate(lambda p: local.generate(p, params), b)}
             for b in batch_sizes]
-    del local
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
