@@ -80,5 +80,11 @@ class RoutingTable:
         of a replicated expert take its tokens in turn."""
         count, rank, slot = self.tensors[layer]
         flat = indices.flatten().cpu()
-        which = torch.arange(flat.numel()) % count[flat]
+        # the n-th token routed to expert e goes to copy n % copies(e)
+        order = flat.argsort(stable=True)
+        per_expert = torch.bincount(flat, minlength=count.numel())
+        first = per_expert.cumsum(0) - per_expert
+        ordinal = torch.empty_like(flat)
+        ordinal[order] = torch.arange(flat.numel()) - first[flat[order]]
+        which = ordinal % count[flat]
         return rank[flat, which], slot[flat, which]

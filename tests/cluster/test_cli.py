@@ -37,3 +37,20 @@ def test_make_tiny_is_deterministic(tmp_path):
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
     assert (tmp_path / "a" / "tokenizer.json").read_text() == (tmp_path / "b" / "tokenizer.json").read_text()
+
+
+def test_generate_through_the_cluster_matches_local(tiny_dir, tiny_llm, capsys):
+    """Without --local, generate starts embedded Ray, runs the prompts on the cluster, and stops it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    rc = main(["generate", "--model", str(tiny_dir), "--prompt", "Hello experts", "--prompt-ids", "5,6,7",
+               "--max-new-tokens", "5", "--temperature", "0", "--dtype", "float32", "--ignore-eos", "--json",
+               "--attention-shards", "1", "--expert-actors", "2"])
+    assert rc == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = tiny_llm.generate(["Hello experts", [5, 6, 7]],
+                                 SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True))
+    assert [line["output_ids"] for line in lines] == [r.output_ids for r in expected]
+    assert not ray.is_initialized()
