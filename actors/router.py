@@ -42,4 +42,17 @@ class Router:
 
 @ray.remote(num_cpus=0)
 class RouterActor(Router):
-    pass
+    """In its own process, the router also exports the cluster's metrics to Ray (dashboard, Prometheus)."""
+
+    def __init__(self, placement: Placement, n_experts: int, window: int = 64):
+        super().__init__(placement, n_experts, window)
+        from actors.metrics import ClusterMetrics
+
+        self.metrics = ClusterMetrics()
+
+    def record_step(self, step: dict) -> None:
+        """One engine step's figures: expert load (kept for placement decisions) and the rest (metrics)."""
+        if step.get("load"):
+            self.record_load(step["load"])
+            self.metrics.expert_load(step["load"])
+        self.metrics.step(step)

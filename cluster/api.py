@@ -11,6 +11,7 @@ shutdown. The command line, the web page and batch jobs use only this module.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -33,15 +34,19 @@ log = logging.getLogger("raymoe")
 __all__ = ["RayMoE", "SamplingParams", "StreamEvent", "GenerationResult", "ClusterLayout"]
 
 
-def _ensure_ray(address: str | None, layout: ClusterLayout) -> bool:
-    """Connect to ``address`` or start embedded Ray; returns whether this call started it."""
+def _ensure_ray(address: str | None) -> tuple[bool, str | None]:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``, as inside a Ray job) or start embedded Ray with its
+    dashboard on 127.0.0.1. Returns (whether this call started Ray, the dashboard URL if known)."""
     if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address, log_to_driver=False)
-        return False
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
-    return True
+        return False, None
+    if address or os.environ.get("RAY_ADDRESS"):
+        ctx = ray.init(address=address or "auto", log_to_driver=False)
+        started = False
+    else:
+        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+        started = True
+    url = getattr(ctx, "dashboard_url", None)
+    return started, (f"http://{url}" if url and not url.startswith("http") else url)
 
 
 class RayMoE:
@@ -53,6 +58,13 @@ class RayMoE:
         self.attention, self.experts, self.router, self._pg = attention, experts, router, pg
         self.engine, self._started_ray = engine, started_ray
         self.started_at = time.time()
+        self.dashboard_url: str | None = None
+        nodes = ray.get([a.node_id.remote() for a in attention + experts])
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        self._actors = [{"role": "attention", "index": i, "actor": a} for i, a in enumerate(attention)]
+        self._actors += [{"role": "expert", "index": i, "actor": a} for i, a in enumerate(experts)]
+        for entry, node in zip(self._actors, nodes, strict=True):
+            entry.update(node_id=node, node_ip=ips.get(node, "?"), device=layout.device)
 
     @classmethod
     def start(cls, model: str | Path | None = None, layout: ClusterLayout | str | Path | None = None,
@@ -72,7 +84,7 @@ class RayMoE:
         if not isinstance(layout, ClusterLayout):
             layout = ClusterLayout.load(layout, **layout_overrides)
         tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
-        started = _ensure_ray(address, layout)
+        started, dashboard = _ensure_ray(address)
 
         placement = Placement.initial(args.moe_layers, args.n_routed_experts, layout.expert_actors,
                                       layout.spare_slots, layout.replicas)
@@ -121,7 +133,9 @@ class RayMoE:
         eos = tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None else args.eos_token_id
         engine = Engine(attention, experts, router, scheduler, tokenizer, eos, args.max_position_embeddings,
                         step_timeout_s=max(60.0, 2 * layout.collective_timeout_s))
-        return cls(model_dir, layout, args, tokenizer, attention, experts, router, pg, engine, started)
+        llm = cls(model_dir, layout, args, tokenizer, attention, experts, router, pg, engine, started)
+        llm.dashboard_url = dashboard
+        return llm
 
     # requests
     def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
@@ -183,8 +197,26 @@ class RayMoE:
             "expert_load": ray.get(self.router.load_stats.remote()),
         }
 
+    def cluster_info(self) -> list[dict]:
+        """Each actor: role, index, node, device and state (from Ray's state API when it is up)."""
+        states = {}
+        try:
+            from ray.util.state import list_actors
+
+            states = {a.actor_id: a.state for a in list_actors(limit=1000, timeout=5, raise_on_missing_output=False)}
+        except Exception:  # noqa: BLE001 - no dashboard (state API) here: state unknown, the rest still shown
+            pass
+        out = []
+        for entry in self._actors:
+            info = {k: v for k, v in entry.items() if k != "actor"}
+            info["state"] = states.get(entry["actor"]._actor_id.hex(), "unknown")
+            out.append(info)
+        return out
+
     def shutdown(self) -> None:
         self.engine.stop()
+        if not ray.is_initialized():  # Ray already gone: its actors went with it
+            return
         for a in self.attention + self.experts + [self.router]:
             ray.kill(a)
         remove_placement_group(self._pg)

@@ -98,6 +98,18 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_serve(args) -> int:
+    from cluster.serve import main as serve_main
+
+    return serve_main(args)
+
+
+def cmd_batch(args) -> int:
+    from cluster.batch import main as batch_main
+
+    return batch_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description="Serve DeepSeek-V3-architecture MoE models on Ray")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_flags(p)
     _add_cluster_flags(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="start the cluster and the web page (chat + cluster dashboard)")
+    p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback")
+    p.add_argument("--refresh", type=float, default=2.0, help="cluster tab refresh interval, seconds")
+    p.add_argument("--max-sessions", type=int, default=64, help="chat requests served at once")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    _add_cluster_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("batch", help="generate for a JSON-lines file (resumable; works as a Ray job)")
+    p.add_argument("--input", required=True, help="JSON lines: {id, prompt | messages, sampling fields...}")
+    p.add_argument("--output", required=True, help="JSON lines, one per input id; re-runs resume")
+    p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--no-progress", action="store_true")
+    _add_sampling_flags(p)
+    _add_cluster_flags(p)
+    p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     p.add_argument("what", choices=["generate", "cluster", "kernels"])

@@ -58,6 +58,8 @@ class Engine:
         self.recent: list[tuple[float, int]] = []  # (time, tokens generated) per step
         self.ttft: list[float] = []
         self.tpot: list[float] = []
+        self._finished_reasons: dict[str, int] = defaultdict(int)  # since the last report to the router
+        self._prompt_tokens_done = 0
         self._thread = threading.Thread(target=self._loop, name="raymoe-engine", daemon=True)
         self._thread.start()
 
@@ -166,8 +168,7 @@ class Engine:
                 load[layer] = [a + b for a, b in zip(load.get(layer, [0] * len(counts)), counts, strict=True)]
             sampled += [(self.requests.get(seq_id), token, top) for seq_id, (token, top) in out.sampled.items()]
         sampled = [(req, token, top) for req, token, top in sampled if req is not None and not req.seq.finished]
-        if load:
-            self.router.record_load.remote(load)
+        n_ttft, n_tpot = len(self.ttft), len(self.tpot)
         # figures first, so that a reader woken by the events below sees them
         self.totals["steps"] += 1
         self.totals["tokens_generated"] += len(sampled)
@@ -183,7 +184,26 @@ class Engine:
             req.events.put(StreamEvent(piece, [token]))
             if req.seq.finished:
                 self._finish(req)
+        phases = defaultdict(float)
+        for out in outputs:
+            for phase, s in out.seconds.items():
+                phases[phase] += s
+        self.router.record_step.remote({
+            "load": load, "tokens_generated": len(sampled), "ttft": self.ttft[n_ttft:], "tpot": self.tpot[n_tpot:],
+            "finished": self._drain_finished(), "prompt_tokens": self._drain_prompt_tokens(),
+            "shards": [{"shard": i, "waiting": len(sh.waiting), "running": len(sh.running),
+                        "blocks_used": self.scheduler.blocks_used(i)} for i, sh in enumerate(self.scheduler.shards)],
+            "phases": dict(phases),
+        })
         self.totals["scheduler_seconds"] += time.perf_counter() - t0
+
+    def _drain_finished(self) -> dict[str, int]:
+        out, self._finished_reasons = dict(self._finished_reasons), defaultdict(int)
+        return out
+
+    def _drain_prompt_tokens(self) -> int:
+        out, self._prompt_tokens_done = self._prompt_tokens_done, 0
+        return out
 
     def _finish(self, req: Request, error: str | None = None) -> None:
         seq = req.seq
@@ -197,6 +217,8 @@ class Engine:
         result = seq.result()
         if error:
             result.finish_reason, result.error = "error", error
+        self._finished_reasons[result.finish_reason] += 1
+        self._prompt_tokens_done += len(seq.prompt_ids)
         req.events.put(StreamEvent("", [], True, result))
 
     def _fail_all(self, error: str) -> None:

@@ -1,0 +1,50 @@
+"""What the Cluster tab shows, computed from the cluster API's figures (no Gradio imports here)."""
+
+from __future__ import annotations
+
+import html
+
+
+def actor_rows(info: list[dict]) -> list[list]:
+    return [[a["role"], a["index"], a["node_ip"], a["node_id"][:12], a["device"], a["state"]] for a in info]
+
+
+def shard_rows(stats: dict) -> list[list]:
+    return [[s["shard"], s["waiting"], s["running"], f"{s['blocks_used']} / {s['blocks_total']}"]
+            for s in stats["shards"]]
+
+
+def summary_markdown(stats: dict) -> str:
+    def ms(v):
+        return "-" if v is None else f"{1e3 * v:.1f} ms"
+
+    t = stats["totals"]
+    return (f"**Throughput** {stats['tokens_per_s']:.1f} tokens/s (last 10 s) &nbsp; "
+            f"**Time to first token** {ms(stats['ttft_s'])} &nbsp; **Time per output token** {ms(stats['tpot_s'])}"
+            f"<br>steps {int(t.get('steps', 0))}, tokens generated {int(t.get('tokens_generated', 0))}, "
+            f"preemptions {stats['preemptions']}")
+
+
+def load_heatmap_html(expert_load: dict, which: str = "window") -> str:
+    """Layers x experts as an HTML table shaded by token count; a badge marks replicated experts."""
+    load = expert_load.get(which) or {}
+    replicas = expert_load.get("replicas") or {}
+    if not load:
+        return "<p>No MoE traffic yet.</p>"
+    layers = sorted(load, key=int)
+    peak = max((max(v) for v in load.values() if v), default=0) or 1
+    n = len(load[layers[0]])
+    head = "".join(f"<th>{e}</th>" for e in range(n))
+    rows = []
+    for layer in layers:
+        cells = []
+        reps = replicas.get(layer) or replicas.get(str(layer)) or [1] * n
+        for e, count in enumerate(load[layer]):
+            shade = int(255 - 200 * count / peak)
+            badge = f"<sup>x{reps[e]}</sup>" if reps[e] > 1 else ""
+            cells.append(f'<td title="layer {layer}, expert {e}: {count} tokens, {reps[e]} copies" '
+                         f'style="background: rgb({shade},{shade},255); text-align:center">{count}{badge}</td>')
+        rows.append(f"<tr><th>layer {html.escape(str(layer))}</th>{''.join(cells)}</tr>")
+    return (f'<div class="raymoe-heatmap"><table style="border-collapse:collapse; font-size:11px">'
+            f"<tr><th></th>{head}</tr>{''.join(rows)}</table>"
+            f"<p>tokens per (layer, expert) over the recent window; x2 = two physical copies</p></div>")
