@@ -17,9 +17,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-# the main job: a local cluster on embedded Ray (1 attention shard, 2 expert actors) on the tiny checkpoint
+# the main job: a local cluster on embedded Ray (1 attention shard, 2 expert actors) on the tiny checkpoint,
+# with the Gradio page on http://127.0.0.1:7860 (Ctrl-C stops everything)
 serve: venv
-	$(VENV)/bin/raymoe generate --chat --prompt "Hello! What can a mixture of experts do?" --max-new-tokens 48
+	$(VENV)/bin/raymoe serve $(SERVE_ARGS)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
