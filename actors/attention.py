@@ -19,7 +19,7 @@ from actors.placement import Placement, RoutingTable
 from model.cache import MLACache
 from model.checkpoint import load_model
 from model.generate import DTYPES
-from model.sampling import make_generator, sample
+from model.sampling import SamplingParams, position_generator, sample
 
 
 class AttentionShard:
@@ -34,7 +34,7 @@ class AttentionShard:
         self.args = self.model.args
         self.cache = MLACache(self.args, self.args.num_hidden_layers, num_blocks, block_size, DTYPES[dtype],
                               device)
-        self.samplers: dict[int, tuple] = {}
+        self.samplers: dict[int, SamplingParams] = {}
         self.timer = Timer()
         self.info: GroupInfo | None = None
         self.group = None
@@ -67,7 +67,7 @@ class AttentionShard:
             self.samplers.pop(seq_id, None)
         for c in plan.chunks:
             if c.params is not None:
-                self.samplers[c.seq_id] = (c.params, make_generator(c.params, self.device))
+                self.samplers[c.seq_id] = c.params
         seqs = [(c.seq_id, c.start, c.start + len(c.tokens)) for c in plan.chunks]
         meta = self.cache.build_meta(seqs, {c.seq_id: c.block_table for c in plan.chunks})
         ids = torch.tensor([t for c in plan.chunks for t in c.tokens], dtype=torch.long, device=self.device)
@@ -79,8 +79,9 @@ class AttentionShard:
             logits = self.model.logits(hidden[last])
             for row, i in zip(logits, picks, strict=True):
                 c = plan.chunks[i]
-                params, gen = self.samplers[c.seq_id]
-                sampled[c.seq_id] = sample(row, params, gen)
+                params = self.samplers[c.seq_id]
+                end = c.start + len(c.tokens)
+                sampled[c.seq_id] = sample(row, params, position_generator(params, end, self.device))
         load = {layer: t.tolist() for layer, t in self.dispatcher.load.items()}
         self.dispatcher.load.clear()
         seconds = dict(self.timer.seconds)

@@ -49,6 +49,34 @@ def _ensure_ray(address: str | None) -> tuple[bool, str | None]:
     return started, (f"http://{url}" if url and not url.startswith("http") else url)
 
 
+def _spawn_data_plane(model_dir: Path, layout: ClusterLayout, placement: Placement, pg):
+    """Attention and expert actors in their placement-group bundles, joined in one process group."""
+    from actors.attention import AttentionActor
+    from actors.expert import ExpertActor
+
+    def on(i):
+        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+
+    common = dict(num_cpus=layout.num_cpus_per_actor, num_gpus=1 if layout.device == "cuda" else 0)
+    attention = [
+        AttentionActor.options(scheduling_strategy=on(i), **common).remote(
+            str(model_dir), layout.dtype, layout.num_blocks, layout.block_size, layout.torch_threads, layout.device)
+        for i in range(layout.attention_shards)
+    ]
+    experts = [
+        ExpertActor.options(scheduling_strategy=on(layout.attention_shards + i), **common).remote(
+            str(model_dir), i, placement, layout.dtype, layout.torch_threads, layout.device)
+        for i in range(layout.expert_actors)
+    ]
+    actors = attention + experts
+    master_addr, master_port = ray.get(actors[0].address.remote())
+    infos = [GroupInfo(rank, layout.world_size, layout.attention_shards, layout.backend, layout.collective_timeout_s)
+             for rank in range(layout.world_size)]
+    ray.get([a.init_group.remote(info, master_addr, master_port, placement)
+             for a, info in zip(actors, infos, strict=True)])
+    return attention, experts
+
+
 class RayMoE:
     """A handle on a running raymoe cluster (attention shards, expert actors, a router, the engine)."""
 
@@ -59,20 +87,23 @@ class RayMoE:
         self.engine, self._started_ray = engine, started_ray
         self.started_at = time.time()
         self.dashboard_url: str | None = None
+        self._replace_actors(attention, experts)
+
+    def _replace_actors(self, attention, experts) -> None:
+        self.attention, self.experts = attention, experts
         nodes = ray.get([a.node_id.remote() for a in attention + experts])
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
-        self._actors = [{"role": "attention", "index": i, "actor": a} for i, a in enumerate(attention)]
-        self._actors += [{"role": "expert", "index": i, "actor": a} for i, a in enumerate(experts)]
-        for entry, node in zip(self._actors, nodes, strict=True):
-            entry.update(node_id=node, node_ip=ips.get(node, "?"), device=layout.device)
+        actors = [{"role": "attention", "index": i, "actor": a} for i, a in enumerate(attention)]
+        actors += [{"role": "expert", "index": i, "actor": a} for i, a in enumerate(experts)]
+        for entry, node in zip(actors, nodes, strict=True):
+            entry.update(node_id=node, node_ip=ips.get(node, "?"), device=self.layout.device)
+        self._actors = actors
 
     @classmethod
     def start(cls, model: str | Path | None = None, layout: ClusterLayout | str | Path | None = None,
               address: str | None = None, **layout_overrides) -> RayMoE:
         """Bring up a cluster on the checkpoint ``model`` (default: the tiny demo checkpoint), in
         embedded Ray or the cluster at ``address``."""
-        from actors.attention import AttentionActor
-        from actors.expert import ExpertActor
         from actors.router import RouterActor
 
         if model is None:
@@ -104,37 +135,30 @@ class RayMoE:
                 f"available: {ray.available_resources()}. Lower num_cpus_per_actor or the actor counts"
             ) from e
 
-        def on(i):
-            return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
+        def spawn():
+            return _spawn_data_plane(model_dir, layout, placement, pg)
 
-        common = dict(num_cpus=layout.num_cpus_per_actor, num_gpus=gpus)
-        attention = [
-            AttentionActor.options(scheduling_strategy=on(i), **common).remote(
-                str(model_dir), layout.dtype, layout.num_blocks, layout.block_size, layout.torch_threads,
-                layout.device)
-            for i in range(layout.attention_shards)
-        ]
-        experts = [
-            ExpertActor.options(scheduling_strategy=on(layout.attention_shards + i), **common).remote(
-                str(model_dir), i, placement, layout.dtype, layout.torch_threads, layout.device)
-            for i in range(layout.expert_actors)
-        ]
+        attention, experts = spawn()
         router = RouterActor.options(**({"resources": layout.resources["router"]}
                                         if "router" in layout.resources else {})).remote(
             placement, args.n_routed_experts)
-        actors = attention + experts
-        master_addr, master_port = ray.get(actors[0].address.remote())
-        infos = [GroupInfo(rank, layout.world_size, layout.attention_shards, layout.backend,
-                           layout.collective_timeout_s) for rank in range(layout.world_size)]
-        ray.get([a.init_group.remote(info, master_addr, master_port, placement)
-                 for a, info in zip(actors, infos, strict=True)])
+        handle: dict = {}
+
+        def rebuild():
+            for a in handle["llm"].attention + handle["llm"].experts:
+                ray.kill(a, no_restart=True)
+            new_attention, new_experts = spawn()
+            handle["llm"]._replace_actors(new_attention, new_experts)
+            return new_attention, new_experts
+
         scheduler = Scheduler(layout.attention_shards, layout.num_blocks, layout.block_size,
                               layout.max_batch_tokens, layout.max_running)
         eos = tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None else args.eos_token_id
         engine = Engine(attention, experts, router, scheduler, tokenizer, eos, args.max_position_embeddings,
-                        step_timeout_s=max(60.0, 2 * layout.collective_timeout_s))
+                        step_timeout_s=max(60.0, 2 * layout.collective_timeout_s), rebuild=rebuild)
         llm = cls(model_dir, layout, args, tokenizer, attention, experts, router, pg, engine, started)
         llm.dashboard_url = dashboard
+        handle["llm"] = llm
         return llm
 
     # requests

@@ -17,7 +17,7 @@ import ray
 
 from actors.messages import ChunkPlan, StepPlan
 from cluster.scheduler import Scheduler
-from model.sampling import SamplingParams
+from model.sampling import SamplingParams, with_seed
 from model.sequence import GenerationResult, Sequence
 
 log = logging.getLogger("raymoe.engine")
@@ -44,10 +44,14 @@ class Request:
 
 class Engine:
     def __init__(self, attention_actors, expert_actors, router, scheduler: Scheduler, tokenizer, eos_token_id,
-                 max_len: int, step_timeout_s: float = 600.0):
+                 max_len: int, step_timeout_s: float = 600.0, rebuild=None, max_recoveries: int = 3):
+        """``rebuild()``: replace every data-plane actor after a failure (an actor died, a collective timed
+        out) and return the new (attention, expert) actors; requests in flight are then re-run from
+        their token history."""
         self.attention, self.experts, self.router = attention_actors, expert_actors, router
         self.scheduler, self.tokenizer, self.eos_token_id, self.max_len = scheduler, tokenizer, eos_token_id, max_len
         self.step_timeout_s = step_timeout_s
+        self.rebuild, self.max_recoveries = rebuild, max_recoveries
         self.requests: dict[int, Request] = {}
         self._release: dict[int, list[int]] = defaultdict(list)  # shard -> seq ids to release
         self._cancel: list[int] = []
@@ -67,7 +71,7 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> int:
         with self._cv:
             seq_id = self._next_id
-            seq = Sequence(seq_id, prompt_ids, params, self.tokenizer, self.eos_token_id, self.max_len)
+            seq = Sequence(seq_id, prompt_ids, with_seed(params), self.tokenizer, self.eos_token_id, self.max_len)
             self.scheduler.add(seq_id, len(seq.prompt_ids), len(seq.prompt_ids) + seq.max_new)
             self._next_id += 1
             self.requests[seq_id] = Request(seq)
@@ -111,10 +115,11 @@ class Engine:
                 continue
             try:
                 outputs = self._run(plans)
-            except Exception as e:  # noqa: BLE001 - a failed step fails its requests, the engine goes on
-                log.exception("step failed")
-                with self._cv:
-                    self._fail_all(f"step failed: {e}")
+            except Exception as e:  # noqa: BLE001 - recover (or fail the requests), the engine goes on
+                log.warning("step failed: %s", e)
+                if not self._recover(e):
+                    with self._cv:
+                        self._fail_all(f"step failed: {e}")
                 continue
             with self._cv:
                 self._post_process(chunks, outputs)
@@ -142,12 +147,39 @@ class Engine:
             plans.append(plan)
         return plans
 
+    def _recover(self, error: Exception) -> bool:
+        """Rebuild the data plane and re-queue every running request for recomputation. No accepted
+        request is lost or duplicated: the failed step's samples were never recorded."""
+        if self.rebuild is None or self.totals["recoveries"] >= self.max_recoveries:
+            return False
+        with self._cv:
+            self.scheduler.requeue_all()
+            self._release.clear()
+            for req in self.requests.values():
+                req.sent_params = False
+        try:
+            self.attention, self.experts = self.rebuild()
+        except Exception:  # noqa: BLE001 - a failed rebuild fails the requests instead
+            log.exception("rebuilding the cluster failed")
+            return False
+        self.totals["recoveries"] += 1
+        log.warning("cluster rebuilt after: %s; requests in flight are recomputed", error)
+        return True
+
     def _run(self, plans: list[StepPlan]):
         t0 = time.perf_counter()
         attn_refs = [a.step.remote(p) for a, p in zip(self.attention, plans, strict=True)]
         expert_refs = [e.step.remote() for e in self.experts]
-        outputs = ray.get(attn_refs, timeout=self.step_timeout_s)
-        expert_outputs = ray.get(expert_refs, timeout=self.step_timeout_s)
+        # fail fast: the first actor that dies ends the step (its peers may be stuck in a collective)
+        pending = attn_refs + expert_refs
+        deadline = t0 + self.step_timeout_s
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.perf_counter()))
+            if not ready:
+                raise TimeoutError(f"a step took longer than {self.step_timeout_s:.0f} s")
+            ray.get(ready[0])
+        outputs = ray.get(attn_refs)
+        expert_outputs = ray.get(expert_refs)
         self.totals["step_seconds"] += time.perf_counter() - t0
         for out in outputs:
             for phase, s in out.seconds.items():

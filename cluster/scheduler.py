@@ -86,6 +86,16 @@ class Scheduler:
         if seq_id in shard.running:
             shard.running.remove(seq_id)
 
+    def requeue_all(self) -> None:
+        """Every cache is gone (the data plane was rebuilt): all sequences wait to be recomputed, the
+        running ones first, in their order."""
+        for shard in self.shards:
+            shard.allocator = BlockAllocator(shard.allocator.num_blocks, shard.allocator.block_size)
+            shard.waiting = deque(shard.running + list(shard.waiting))
+            shard.running = []
+        for s in self.seqs.values():
+            s.computed = 0
+
     def has_work(self) -> bool:
         return bool(self.seqs)
 

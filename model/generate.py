@@ -9,7 +9,7 @@ import torch
 
 from model.cache import MLACache
 from model.checkpoint import load_model
-from model.sampling import SamplingParams, make_generator, sample
+from model.sampling import SamplingParams, position_generator, sample, with_seed
 from model.sequence import GenerationResult, Sequence
 from model.tokenizer import Tokenizer
 
@@ -55,9 +55,8 @@ class LocalLLM:
         params = params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
         max_len = self.args.max_position_embeddings
-        seqs = [Sequence(i, self.encode(p), sp, self.tokenizer, self.eos_token_id, max_len)
+        seqs = [Sequence(i, self.encode(p), with_seed(sp), self.tokenizer, self.eos_token_id, max_len)
                 for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
-        gens = [make_generator(s.params) for s in seqs]
         need_blocks = sum(-(-(len(s.prompt_ids) + s.max_new) // self.block_size) for s in seqs)
         cache = MLACache(self.args, self.args.num_hidden_layers, need_blocks, self.block_size, self.dtype,
                          self.device)
@@ -71,7 +70,7 @@ class LocalLLM:
             for (s, _, b), row in zip(batch, logits, strict=True):
                 if b < len(s):  # a prefill chunk that does not reach the end of the prompt
                     continue
-                token, top = sample(row, s.params, gens[s.seq_id])
+                token, top = sample(row, s.params, position_generator(s.params, b, self.device))
                 piece = s.append(token, top)
                 if on_token is not None:
                     on_token(s.seq_id, piece)

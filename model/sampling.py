@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import random
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -55,14 +56,24 @@ class SamplingParams:
         return cls(**d)
 
 
-def make_generator(params: SamplingParams, device: str | torch.device = "cpu") -> torch.Generator | None:
+def with_seed(params: SamplingParams) -> SamplingParams:
+    """Sampled requests get a seed when they have none, so any token can be drawn again."""
+    if params.greedy or params.seed is not None:
+        return params
+    return replace(params, seed=random.getrandbits(62))
+
+
+def position_generator(params: SamplingParams, position: int,
+                       device: str | torch.device = "cpu") -> torch.Generator | None:
+    """The random stream for the token at ``position`` of a sequence: a function of the request's
+    seed and the position alone, so recomputing a sequence (after preemption or a lost actor)
+    draws exactly the tokens a fault-free run draws."""
     if params.greedy:
         return None
+    if params.seed is None:
+        raise ValueError("sampling needs a seed here; pass the params through with_seed() first")
     gen = torch.Generator(device=device)
-    if params.seed is not None:
-        gen.manual_seed(params.seed)
-    else:
-        gen.seed()
+    gen.manual_seed((params.seed * 1_000_003 + position) % (2**63 - 1))
     return gen
 
 
