@@ -27,7 +27,7 @@ from cluster.scheduler import Scheduler
 from model.config import ModelArgs
 from model.sampling import SamplingParams
 from model.sequence import GenerationResult
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, encode_prompt
 
 log = logging.getLogger("raymoe")
 
@@ -163,20 +163,8 @@ class RayMoE:
 
     # requests
     def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
-        if isinstance(prompt, str):
-            return self._tok().encode(prompt)
-        if prompt and isinstance(prompt[0], dict):
-            return self._tok().encode_chat(prompt)
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
-        return ids
-
-    def _tok(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer.json; pass token ids instead of text")
-        return self.tokenizer
+        """Token ids for a text prompt, a list of ids, or a list of chat messages."""
+        return encode_prompt(self.tokenizer, prompt, self.args.vocab_size)
 
     def submit(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None) -> int:
         """Queue a request (text, token ids, or chat messages); returns its id. Bad input raises

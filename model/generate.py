@@ -11,7 +11,7 @@ from model.cache import MLACache
 from model.checkpoint import load_model
 from model.sampling import SamplingParams, position_generator, sample, with_seed
 from model.sequence import GenerationResult, Sequence
-from model.tokenizer import Tokenizer
+from model.tokenizer import Tokenizer, encode_prompt
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -32,20 +32,7 @@ class LocalLLM:
 
     def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
         """Token ids for a text prompt, a list of ids, or a list of chat messages."""
-        if isinstance(prompt, str):
-            return self._tok().encode(prompt)
-        if prompt and isinstance(prompt[0], dict):
-            return self._tok().encode_chat(prompt)
-        ids = [int(t) for t in prompt]
-        bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.args.vocab_size - 1})")
-        return ids
-
-    def _tok(self) -> Tokenizer:
-        if self.tokenizer is None:
-            raise ValueError("this checkpoint has no tokenizer.json; pass token ids instead of text")
-        return self.tokenizer
+        return encode_prompt(self.tokenizer, prompt, self.args.vocab_size)
 
     @torch.inference_mode()
     def generate(self, prompts: Iterable[str | list[int] | list[dict]],

@@ -81,6 +81,20 @@ class Tokenizer:
         return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
 
 
+def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int] | list[dict], vocab_size: int) -> list[int]:
+    """Token ids for a text prompt, a list of token ids, or a list of chat messages (rendered by the
+    checkpoint's chat template). Ids outside the vocabulary and text without a tokenizer are errors."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
+        if tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json; pass token ids instead of text")
+        return tokenizer.encode(prompt) if isinstance(prompt, str) else tokenizer.encode_chat(prompt)
+    ids = [int(t) for t in prompt]
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})")
+    return ids
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character.
 
