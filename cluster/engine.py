@@ -63,6 +63,8 @@ class Engine:
         self.ttft: list[float] = []
         self.tpot: list[float] = []
         self._finished_reasons: dict[str, int] = defaultdict(int)  # since the last report to the router
+        self._finished_order: list[int] = []
+        self.keep_finished = 10_000  # finished requests kept for late readers of their stream
         self._prompt_tokens_done = 0
         self._thread = threading.Thread(target=self._loop, name="raymoe-engine", daemon=True)
         self._thread.start()
@@ -251,6 +253,9 @@ class Engine:
             result.finish_reason, result.error = "error", error
         self._finished_reasons[result.finish_reason] += 1
         self._prompt_tokens_done += len(seq.prompt_ids)
+        self._finished_order.append(seq.seq_id)
+        while len(self._finished_order) > self.keep_finished:  # their streams were handed out long ago
+            self.requests.pop(self._finished_order.pop(0), None)
         req.events.put(StreamEvent("", [], True, result))
 
     def _fail_all(self, error: str) -> None:
