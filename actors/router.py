@@ -17,12 +17,6 @@ class Router:
         self.history: list[dict[int, list[int]]] = []
         self.total = {layer: [0] * n_experts for layer in placement.layers}
 
-    def get_placement(self) -> Placement:
-        return self.placement
-
-    def version(self) -> int:
-        return self.placement.version
-
     def record_load(self, load: dict[int, list[int]]) -> None:
         """Tokens per logical expert of one step (summed over shards)."""
         self.history.append(load)

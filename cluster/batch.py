@@ -51,7 +51,6 @@ def parse_line(line: str, number: int, defaults: SamplingParams) -> BatchItem:
         return BatchItem(rid, error="'messages' must be a list of {role, content} objects")
     try:
         fields = asdict(defaults)
-        fields.pop("extra", None)
         fields.update(obj)
         params = SamplingParams.from_dict(fields)
     except (TypeError, ValueError) as e:

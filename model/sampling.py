@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -22,7 +22,6 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0  # how many top log-probabilities to return per generated token
     skip_special_tokens: bool = True
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -49,7 +48,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, d: dict) -> SamplingParams:
         """From a JSON-like dict; unknown keys raise a ``ValueError`` naming them."""
-        known = {f for f in cls.__dataclass_fields__ if f != "extra"}
+        known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown sampling field(s) {sorted(unknown)}; known: {sorted(known)}")
