@@ -26,11 +26,10 @@ def main(args) -> int:
         print(f"  chat and cluster page: {app.local_url}")
         print(f"  Ray dashboard:         {llm.dashboard_url or 'not started by raymoe (joined cluster)'}")
         print("press Ctrl-C to stop", flush=True)
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
-            while not stop.wait(0.5):
-                pass
-        except KeyboardInterrupt:
+        # Ctrl-C and SIGTERM stop cleanly, also where SIGINT came in ignored (a background job)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        while not stop.wait(0.5):
             pass
         print("stopping ...", flush=True)
         app.close()
