@@ -37,7 +37,7 @@ class MLACache:
         ``start..end-1`` are being computed now (after ``start`` tokens already cached). ``tables``:
         block tables decided elsewhere (the cluster's scheduler); without them this cache's own
         allocator grows each sequence as needed."""
-        positions, slot_mapping, starts, ctx = [], [], [0], []
+        positions, slot_mapping, starts, ctx = [], [], [0], []  # per sequence
         if tables is None:
             for seq_id, _, end in seqs:
                 self.allocator.grow(seq_id, end)
@@ -47,18 +47,21 @@ class MLACache:
             table = tables[seq_id]
             if len(table) * bs < end:
                 raise ValueError(f"sequence {seq_id}: block table covers {len(table) * bs} tokens, needs {end}")
-            slots = [table[p // bs] * bs + p % bs for p in range(end)]
-            positions.extend(range(start, end))
-            slot_mapping.extend(slots[start:end])
+            # every slot of the context, in position order: the blocks' slot ranges, cut at `end`
+            blocks = torch.tensor(table[: -(-end // bs)], dtype=torch.long, device=self.device)
+            slots = (blocks[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[:end]
+            positions.append(torch.arange(start, end, device=self.device))
+            slot_mapping.append(slots[start:end])
             starts.append(starts[-1] + end - start)
-            ctx.append(torch.tensor(slots, dtype=torch.long, device=self.device))
-        as_long = lambda v: torch.tensor(v, dtype=torch.long, device=self.device)
-        meta = AttnMeta(as_long(positions), as_long(slot_mapping), starts, ctx)
+            ctx.append(slots)
+        empty = torch.empty(0, dtype=torch.long, device=self.device)
+        meta = AttnMeta(torch.cat(positions) if seqs else empty, torch.cat(slot_mapping) if seqs else empty,
+                        starts, ctx)
         if seqs and all(end - start == 1 for _, start, end in seqs):
             rows = [tables[seq_id] for seq_id, _, _ in seqs]
             width = max(len(t) for t in rows)
             meta.block_table = torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.int32,
                                             device=self.device)
-            meta.seq_lens = as_long([end for _, _, end in seqs])
+            meta.seq_lens = torch.tensor([end for _, _, end in seqs], dtype=torch.long, device=self.device)
             meta.block_size = self.allocator.block_size
         return meta
