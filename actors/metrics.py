@@ -20,6 +20,9 @@ class ClusterMetrics:
         self.blocks = Gauge("raymoe_cache_blocks_used", "MLA cache blocks in use", tag_keys=("shard",))
         self.load = Counter("raymoe_expert_tokens", "Tokens routed per (layer, logical expert)",
                             tag_keys=("layer", "expert"))
+        self.state = Gauge("raymoe_cluster_state", "1 for the cluster's current state (healthy, recovering, "
+                           "unhealthy), 0 for the others", tag_keys=("state",))
+        self.health("healthy")
         self.phase = Histogram("raymoe_step_phase_seconds", "Seconds per step phase (dispatch, combine, ...)",
                                LATENCY_BOUNDS, tag_keys=("phase",))
 
@@ -41,6 +44,10 @@ class ClusterMetrics:
             self.blocks.set(sh["blocks_used"], tags=tags)
         for phase, seconds in s.get("phases", {}).items():
             self.phase.observe(seconds, tags={"phase": phase})
+
+    def health(self, state: str) -> None:
+        for name in ("healthy", "recovering", "unhealthy"):
+            self.state.set(1 if name == state else 0, tags={"state": name})
 
     def expert_load(self, load: dict[int, list[int]]) -> None:
         for layer, counts in load.items():

@@ -44,6 +44,10 @@ class RouterActor(Router):
 
         self.metrics = ClusterMetrics()
 
+    def set_health(self, state: str, error: str | None) -> None:
+        """The engine's view of the data plane: healthy, recovering (rebuilding) or unhealthy."""
+        self.metrics.health(state)
+
     def record_step(self, step: dict) -> None:
         """One engine step's figures: expert load (kept for placement decisions) and the rest (metrics)."""
         if step.get("load"):

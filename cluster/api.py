@@ -24,6 +24,7 @@ from actors.placement import Placement
 from cluster.engine import Engine, StreamEvent
 from cluster.layout import ClusterLayout
 from cluster.scheduler import Scheduler
+from model.checkpoint import validate_checkpoint
 from model.config import ModelArgs
 from model.sampling import SamplingParams
 from model.sequence import GenerationResult
@@ -34,15 +35,23 @@ log = logging.getLogger("raymoe")
 __all__ = ["RayMoE", "SamplingParams", "StreamEvent", "GenerationResult", "ClusterLayout"]
 
 
-def _ensure_ray(address: str | None) -> tuple[bool, str | None]:
+def _ensure_ray(address: str | None, loopback: bool = True) -> tuple[bool, str | None]:
     """Connect to ``address`` (or ``$RAY_ADDRESS``, as inside a Ray job) or start embedded Ray with its
-    dashboard on 127.0.0.1. Returns (whether this call started Ray, the dashboard URL if known)."""
+    dashboard on 127.0.0.1; with ``loopback`` every port embedded Ray opens listens on 127.0.0.1 only
+    (its node address is the loopback one). Returns (whether this call started Ray, the dashboard URL)."""
     if ray.is_initialized():
         return False, None
     if address or os.environ.get("RAY_ADDRESS"):
         ctx = ray.init(address=address or "auto", log_to_driver=False)
         started = False
     else:
+        if loopback:
+            # Ray takes the loopback address as the node's own only on a single-machine build; this
+            # switch (read by Ray's processes at start, and by this one through its constant) selects it
+            from ray._private import ray_constants
+
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            ray_constants.ENABLE_RAY_CLUSTER = False
         ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
         started = True
     url = getattr(ctx, "dashboard_url", None)
@@ -69,11 +78,16 @@ def _spawn_data_plane(model_dir: Path, layout: ClusterLayout, placement: Placeme
         for i in range(layout.expert_actors)
     ]
     actors = attention + experts
-    master_addr, master_port = ray.get(actors[0].address.remote())
-    infos = [GroupInfo(rank, layout.world_size, layout.attention_shards, layout.backend, layout.collective_timeout_s)
-             for rank in range(layout.world_size)]
-    ray.get([a.init_group.remote(info, master_addr, master_port, placement)
-             for a, info in zip(actors, infos, strict=True)])
+    try:  # loading weights happens in the actors' constructors: bounded by the layout's startup timeout
+        master_addr, master_port = ray.get(actors[0].address.remote(), timeout=layout.startup_timeout_s)
+        infos = [GroupInfo(rank, layout.world_size, layout.attention_shards, layout.backend,
+                           layout.collective_timeout_s) for rank in range(layout.world_size)]
+        ray.get([a.init_group.remote(info, master_addr, master_port, placement)
+                 for a, info in zip(actors, infos, strict=True)], timeout=layout.startup_timeout_s)
+    except Exception:
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        raise
     return attention, experts
 
 
@@ -91,7 +105,7 @@ class RayMoE:
 
     def _replace_actors(self, attention, experts) -> None:
         self.attention, self.experts = attention, experts
-        nodes = ray.get([a.node_id.remote() for a in attention + experts])
+        nodes = ray.get([a.node_id.remote() for a in attention + experts], timeout=60)
         ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         actors = [{"role": "attention", "index": i, "actor": a} for i, a in enumerate(attention)]
         actors += [{"role": "expert", "index": i, "actor": a} for i, a in enumerate(experts)]
@@ -101,9 +115,12 @@ class RayMoE:
 
     @classmethod
     def start(cls, model: str | Path | None = None, layout: ClusterLayout | str | Path | None = None,
-              address: str | None = None, **layout_overrides) -> RayMoE:
+              address: str | None = None, loopback: bool = True, need_tokenizer: bool = False,
+              **layout_overrides) -> RayMoE:
         """Bring up a cluster on the checkpoint ``model`` (default: the tiny demo checkpoint), in
-        embedded Ray or the cluster at ``address``."""
+        embedded Ray (on 127.0.0.1 only unless ``loopback`` is false) or the cluster at ``address``.
+        The checkpoint is checked here, before any actor starts (config, file headers, every tensor
+        the model needs, and the tokenizer when ``need_tokenizer``): a bad one is one clear error."""
         from actors.router import RouterActor
 
         if model is None:
@@ -111,11 +128,11 @@ class RayMoE:
 
             model = default_checkpoint()
         model_dir = Path(model).resolve()
-        args = ModelArgs.from_hf(model_dir)
+        args = validate_checkpoint(model_dir, need_tokenizer=need_tokenizer)
         if not isinstance(layout, ClusterLayout):
             layout = ClusterLayout.load(layout, **layout_overrides)
         tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
-        started, dashboard = _ensure_ray(address)
+        started, dashboard = _ensure_ray(address, loopback)
 
         placement = Placement.initial(args.moe_layers, args.n_routed_experts, layout.expert_actors,
                                       layout.spare_slots, layout.replicas)
@@ -193,20 +210,17 @@ class RayMoE:
 
     # watching
     def stats(self) -> dict:
-        e, s = self.engine, self.engine.scheduler
-        window = [t for t in e.recent if t[0] > time.perf_counter() - 10]
-        span = (window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
-        shards = [{"shard": i, "waiting": len(sh.waiting), "running": len(sh.running),
-                   "blocks_used": s.blocks_used(i), "blocks_total": sh.allocator.num_blocks}
-                  for i, sh in enumerate(s.shards)]
-        avg = lambda v: sum(v[-100:]) / len(v[-100:]) if v else None
+        """Figures for the dashboard: health, shards, throughput, latencies, expert load. Never blocks
+        for long: the router's figures are the last ones known when it does not answer in 5 s."""
+        figures = self.engine.figures()
+        try:
+            self._expert_load = ray.get(self.router.load_stats.remote(), timeout=5)
+        except Exception as e:  # noqa: BLE001 - a slow or lost router must not stall the page
+            log.warning("the router did not answer: %s", e)
         return {
             "layout": {"attention_shards": self.layout.attention_shards, "expert_actors": self.layout.expert_actors},
-            "shards": shards,
-            "tokens_per_s": sum(n for _, n in window[1:]) / span if span else 0.0,
-            "ttft_s": avg(e.ttft), "tpot_s": avg(e.tpot),
-            "totals": dict(e.totals), "preemptions": s.num_preemptions,
-            "expert_load": ray.get(self.router.load_stats.remote()),
+            **figures,
+            "expert_load": getattr(self, "_expert_load", {}),
         }
 
     def cluster_info(self) -> list[dict]:
@@ -226,11 +240,12 @@ class RayMoE:
         return out
 
     def shutdown(self) -> None:
-        self.engine.stop()
+        self.engine.stop(timeout=0)  # every open stream ends now, even mid-step
         if not ray.is_initialized():  # Ray already gone: its actors went with it
             return
         for a in self.attention + self.experts + [self.router]:
-            ray.kill(a)
+            ray.kill(a)  # a step in flight fails at once
+        self.engine.join(timeout=30)
         remove_placement_group(self._pg)
         if self._started_ray:
             ray.shutdown()

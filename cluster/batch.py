@@ -4,16 +4,27 @@ Ray job (``ray job submit --working-dir . -- raymoe batch ...``).
 Input lines: ``{"id": ..., "prompt": "..."}`` or ``{"id": ..., "messages": [...]}``, with optional
 per-line sampling fields (``temperature``, ``top_p``, ``top_k``, ``max_new_tokens``, ``seed``,
 ``stop``, ...). Output lines: ``{"id", "text", "output_ids", "prompt_tokens", "completion_tokens",
-"finish_reason"}`` or ``{"id", "error"}``. Each line is written (and flushed to disk) when its
-request finishes, so a killed run loses nothing written; a re-run skips ids already in the output.
+"finish_reason"}`` or ``{"id", "line", "error"}``. Each line is written (and flushed to disk) when its
+request finishes, so a killed run loses nothing written.
+
+What a batch guarantees:
+- nothing it did not write is ever truncated or overwritten: ``--output`` must be a new file, an empty
+  one, or a results file of an earlier run (checked before the cluster starts);
+- every input line gets a record, bad lines included (``id`` null and the line number when the line
+  has no usable id, so an error never takes a real id's place); ids keep their JSON type (``1`` and
+  ``"1"`` are two ids);
+- a re-run with the same output skips the ids whose last record is a success and retries the others
+  (engine failures and fixed input lines alike): for each id, the last record in the file is its state.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,87 +32,196 @@ from tqdm.auto import tqdm
 
 from model.sampling import SamplingParams
 
+BOM = b"\xef\xbb\xbf"
+ROLES = ("system", "user", "assistant")
+
+
+class BatchError(ValueError):
+    """A batch that must not start (bad paths, an output that is not ours): one line naming the fix."""
+
 
 @dataclass
 class BatchItem:
-    id: str | int  # as given in the input (written back unchanged)
+    line: int
+    id: str | int | float | None  # as given in the input (written back unchanged); None: no usable id
     prompt: str | list | None = None
     params: SamplingParams | None = None
     error: str | None = None
 
+    @property
+    def key(self) -> str | None:
+        """Ids keep their JSON type: ``1`` and ``"1"`` are different ids."""
+        return None if self.id is None else id_key(self.id)
 
-def parse_line(line: str, number: int, defaults: SamplingParams) -> BatchItem:
-    """One input line -> an item to run, or an item carrying the error that names the problem."""
+
+def id_key(rid) -> str:
+    return json.dumps(rid)
+
+
+def _usable_id(rid) -> bool:
+    if isinstance(rid, bool) or not isinstance(rid, (str, int, float)):
+        return False
+    if isinstance(rid, float) and not math.isfinite(rid):
+        return False
+    return not isinstance(rid, str) or _is_text(rid)
+
+
+def _is_text(s: str) -> bool:
+    """A string that can be written as UTF-8 (JSON's ``\\ud800`` escapes can make lone surrogates)."""
     try:
-        obj = json.loads(line)
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _check_messages(messages) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return "'messages' must be a non-empty list of {role, content} objects"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"messages[{i}] must be an object with 'role' and 'content'"
+        if m["role"] not in ROLES:
+            return f"messages[{i}].role must be one of {list(ROLES)}, got {m['role']!r}"
+        if not isinstance(m["content"], str):
+            return f"messages[{i}].content must be a string, got {type(m['content']).__name__}"
+        if not _is_text(m["content"]):
+            return f"messages[{i}].content holds an invalid character (a lone surrogate)"
+    return None
+
+
+def parse_line(raw: bytes, number: int, defaults: SamplingParams) -> BatchItem:
+    """One input line (bytes, without its newline) -> an item to run, or one carrying the error."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BatchItem(number, None, error=f"line {number} is not valid UTF-8 (byte {e.start} of the line); "
+                                             "save the file as UTF-8")
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as e:
-        return BatchItem(f"line-{number}", error=f"line {number} is not valid JSON ({e.msg}); fix or remove it")
+        return BatchItem(number, None, error=f"line {number} is not valid JSON ({e.msg}); fix or remove it")
     if not isinstance(obj, dict):
-        return BatchItem(f"line-{number}", error=f"line {number} must be a JSON object with an id")
+        return BatchItem(number, None, error=f"line {number} must be a JSON object with an id")
     rid = obj.pop("id", None)
-    if rid is None or isinstance(rid, (dict, list)):
-        return BatchItem(f"line-{number}", error=f"line {number} has no usable 'id' (a string or number)")
+    if not _usable_id(rid):
+        return BatchItem(number, None, error=f"line {number} has no usable 'id' (a string or a number)")
     prompt, messages = obj.pop("prompt", None), obj.pop("messages", None)
     if (prompt is None) == (messages is None):
-        return BatchItem(rid, error="give exactly one of 'prompt' (text) or 'messages' (a chat)")
-    if prompt is not None and not isinstance(prompt, str):
-        return BatchItem(rid, error="'prompt' must be a string")
-    if messages is not None and not (isinstance(messages, list) and all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages)):
-        return BatchItem(rid, error="'messages' must be a list of {role, content} objects")
+        return BatchItem(number, rid, error="give exactly one of 'prompt' (text) or 'messages' (a chat)")
+    if prompt is not None and not (isinstance(prompt, str) and _is_text(prompt)):
+        return BatchItem(number, rid, error="'prompt' must be a string of valid text")
+    problem = _check_messages(messages) if messages is not None else None
+    if problem:
+        return BatchItem(number, rid, error=problem)
     try:
         fields = asdict(defaults)
         fields.update(obj)
         params = SamplingParams.from_dict(fields)
     except (TypeError, ValueError) as e:
-        return BatchItem(rid, error=f"bad sampling field: {e}")
-    return BatchItem(rid, prompt if prompt is not None else messages, params)
+        return BatchItem(number, rid, error=f"bad sampling field: {e}")
+    return BatchItem(number, rid, prompt if prompt is not None else messages, params)
 
 
-def done_ids(output: Path) -> set[str]:
-    """Ids already answered in ``output`` (a torn last line from a killed run is dropped)."""
+def read_input(path: Path, defaults: SamplingParams):
+    """Yields an item per non-blank line, read line by line (one bad line never rejects the file)."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if number == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            if raw.strip():
+                yield parse_line(raw, number, defaults)
+
+
+def _is_record(obj) -> bool:
+    return isinstance(obj, dict) and "id" in obj and ("text" in obj or "error" in obj)
+
+
+def scan_output(output: Path) -> tuple[dict[str, bool], int]:
+    """The state of an existing results file: per id key, whether its last record is a success, and
+    the byte length of its complete records. Raises ``BatchError`` when the file is not a results
+    file (it is never truncated then). A torn last record (a killed run) is the only thing dropped."""
     if not output.exists():
-        return set()
-    ids, good = set(), 0
-    with output.open("rb") as f:
-        data = f.read()
-    for raw in data.splitlines(keepends=True):
-        try:
-            ids.add(str(json.loads(raw)["id"]))
-            good += len(raw)
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return {}, 0
+    data = output.read_bytes()
+    state: dict[str, bool] = {}
+    good = 0
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
+        last = number == len(lines)
+        if last and not raw.strip():
             break
-    if good < len(data):  # truncate a partial line so appends start on a fresh line
-        with output.open("r+b") as f:
-            f.truncate(good)
-    return ids
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            obj = None
+        if not _is_record(obj):
+            if last and raw.startswith(b'{"id": '):  # our own write, cut short by a kill
+                break
+            raise BatchError(f"--output {output} exists and is not a raymoe results file (line {number} is not a "
+                             "result record); choose a new --output path (raymoe never overwrites other files)")
+        if obj["id"] is not None:
+            state[id_key(obj["id"])] = "error" not in obj
+        good += len(raw) + (0 if last else 1)
+    return state, good
+
+
+def check_paths(input_path: Path, output_path: Path) -> None:
+    """Refuse, before anything is written or started, a batch that would lose data or cannot write."""
+    if not input_path.is_file():
+        raise BatchError(f"--input {input_path} does not exist or is not a file")
+    if not os.access(input_path, os.R_OK):
+        raise BatchError(f"--input {input_path} is not readable")
+    if output_path.is_dir():
+        raise BatchError(f"--output {output_path} is a directory; give a file path")
+    if output_path.exists() and os.path.samefile(input_path, output_path):
+        raise BatchError(f"--output {output_path} is the input file; give a different path for the results")
+    parent = output_path.resolve().parent
+    if not parent.is_dir():
+        raise BatchError(f"--output {output_path}: the folder {parent} does not exist")
+    if not os.access(output_path if output_path.exists() else parent, os.W_OK):
+        raise BatchError(f"--output {output_path} is not writable")
+    scan_output(output_path)
+
+
+def _dumps(record: dict) -> str:
+    try:
+        line = json.dumps(record, ensure_ascii=False)
+        line.encode("utf-8")
+        return line
+    except UnicodeEncodeError:  # lone surrogates in user text quoted in an error: escape them
+        return json.dumps(record, ensure_ascii=True)
 
 
 def run_batch(llm, input_path: Path, output_path: Path, defaults: SamplingParams, max_in_flight: int = 64,
               progress: bool = True) -> dict:
-    already = done_ids(output_path)
-    lines = input_path.read_text().splitlines()
-    items, seen, duplicates = [], set(), 0
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        item = parse_line(line, number, defaults)
-        key = str(item.id)
-        if key in already:
-            continue
-        if key in seen:  # one output line per id: later repeats are reported in the summary only
-            duplicates += 1
-            continue
-        seen.add(key)
+    check_paths(input_path, output_path)
+    state, good = scan_output(output_path)
+    if output_path.exists() and output_path.stat().st_size > good:  # drop a torn last record
+        with output_path.open("r+b") as f:
+            f.truncate(good)
+    done = {k for k, ok in state.items() if ok}
+    items, seen, duplicates, skipped, lines = [], set(), 0, 0, 0
+    for item in read_input(input_path, defaults):
+        lines += 1
+        if item.key is not None:
+            if item.key in done:
+                skipped += 1
+                continue
+            if item.key in seen:  # one output record per id: later repeats are reported in the summary only
+                duplicates += 1
+                continue
+            seen.add(item.key)
         items.append(item)
-    summary = {"lines": len(lines), "already_done": len(already), "duplicate_ids": duplicates, "ok": 0,
-               "failed": 0, "tokens": 0}
+    summary = {"lines": lines, "already_done": skipped, "retried": sum(1 for k in seen if k in state),
+               "duplicate_ids": duplicates, "ok": 0, "failed": 0, "tokens": 0}
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), desc="batch", unit="req", disable=not progress, file=sys.stderr,
                mininterval=1.0)
-    with output_path.open("a") as out:
+    with output_path.open("a", encoding="utf-8") as out:
         def write(record: dict):
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(_dumps(record) + "\n")
             out.flush()
             os.fsync(out.fileno())
             summary["ok" if "error" not in record else "failed"] += 1
@@ -109,24 +229,24 @@ def run_batch(llm, input_path: Path, output_path: Path, defaults: SamplingParams
             bar.set_postfix(tok_s=f"{summary['tokens'] / max(time.perf_counter() - t0, 1e-9):.1f}")
 
         in_flight: dict[int, BatchItem] = {}
-        queue = list(items)
+        queue = deque(items)
         while queue or in_flight:
             while queue and len(in_flight) < max_in_flight:
-                item = queue.pop(0)
+                item = queue.popleft()
                 if item.error:
-                    write({"id": item.id, "error": item.error})
+                    write({"id": item.id, "line": item.line, "error": item.error})
                     continue
                 try:
                     in_flight[llm.submit(item.prompt, item.params)] = item
-                except ValueError as e:
-                    write({"id": item.id, "error": str(e)})
+                except Exception as e:  # noqa: BLE001 - any bad input fails its own line, never the batch
+                    write({"id": item.id, "line": item.line, "error": str(e) or type(e).__name__})
             if not in_flight:
                 continue
             request_id = next(iter(in_flight))
             item = in_flight.pop(request_id)
             result = llm.result(request_id)
             if result.error:
-                write({"id": item.id, "error": result.error})
+                write({"id": item.id, "line": item.line, "error": result.error})
             else:
                 summary["tokens"] += len(result.output_ids)
                 write({"id": item.id, "text": result.text, "output_ids": result.output_ids,
@@ -143,12 +263,12 @@ def main(args) -> int:
     from cluster.cli import _layout_overrides, _model_dir, _sampling_from
 
     input_path, output_path = Path(args.input), Path(args.output)
-    if not input_path.exists():
-        raise FileNotFoundError(f"--input {input_path} does not exist")
+    check_paths(input_path, output_path)  # before the cluster starts
     defaults = _sampling_from(args)
     with RayMoE.start(_model_dir(args), args.layout, address=args.address, **_layout_overrides(args)) as llm:
         summary = run_batch(llm, input_path, output_path, defaults, progress=not args.no_progress)
     print(f"batch done: {summary['ok']} ok, {summary['failed']} failed, {summary['already_done']} already done "
-          f"(skipped), {summary['duplicate_ids']} duplicate ids ignored, {summary['tokens']} tokens in "
+          f"(skipped), {summary['retried']} retried, {summary['duplicate_ids']} duplicate ids ignored, "
+          f"{summary['tokens']} tokens in "
           f"{summary['seconds']:.1f} s = {summary['tokens_per_s']:.1f} tokens/s; results in {output_path}", flush=True)
     return 0

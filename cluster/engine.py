@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import ray
@@ -31,6 +31,13 @@ class StreamEvent:
     result: GenerationResult | None = None
 
 
+class ClusterUnavailable(RuntimeError):
+    """The cluster cannot serve now (its data plane could not be rebuilt); raised by ``submit``."""
+
+
+HEALTHY, RECOVERING, UNHEALTHY = "healthy", "recovering", "unhealthy"
+
+
 class Request:
     def __init__(self, seq: Sequence):
         self.seq = seq
@@ -44,14 +51,26 @@ class Request:
 
 class Engine:
     def __init__(self, attention_actors, expert_actors, router, scheduler: Scheduler, tokenizer, eos_token_id,
-                 max_len: int, step_timeout_s: float = 600.0, rebuild=None, max_recoveries: int = 3):
+                 max_len: int, step_timeout_s: float = 600.0, rebuild=None, max_step_failures: int = 3,
+                 max_rebuild_attempts: int = 3, backoff_s: tuple[float, float] = (1.0, 60.0)):
         """``rebuild()``: replace every data-plane actor after a failure (an actor died, a collective timed
         out) and return the new (attention, expert) actors; requests in flight are then re-run from
-        their token history."""
+        their token history.
+
+        Recovery goes on for as long as it works: a step that fails triggers a rebuild (then an empty
+        probe step over every actor); a successful step resets the count. The same requests failing
+        ``max_step_failures`` steps in a row are failed (they may be what breaks the step). After
+        ``max_rebuild_attempts`` failed rebuilds in a row the cluster is unhealthy: requests in flight
+        fail, new ones are refused with ``ClusterUnavailable``, and rebuilds go on with exponential
+        backoff (``backoff_s`` = first, longest wait) until one succeeds."""
         self.attention, self.experts, self.router = attention_actors, expert_actors, router
         self.scheduler, self.tokenizer, self.eos_token_id, self.max_len = scheduler, tokenizer, eos_token_id, max_len
         self.step_timeout_s = step_timeout_s
-        self.rebuild, self.max_recoveries = rebuild, max_recoveries
+        self.rebuild, self.max_step_failures = rebuild, max_step_failures
+        self.max_rebuild_attempts = max_rebuild_attempts
+        self.backoff_s = backoff_s
+        self.health, self.health_error = HEALTHY, None
+        self._step_failures = 0  # consecutive
         self.requests: dict[int, Request] = {}
         self._release: dict[int, list[int]] = defaultdict(list)  # shard -> seq ids to release
         self._cancel: list[int] = []
@@ -59,11 +78,13 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self.totals = defaultdict(float)  # tokens, steps, seconds per phase, ...
-        self.recent: list[tuple[float, int]] = []  # (time, tokens generated) per step
-        self.ttft: list[float] = []
-        self.tpot: list[float] = []
+        self.recent: deque[tuple[float, int]] = deque(maxlen=200)  # (time, tokens generated) per step
+        self.ttft: deque[float] = deque(maxlen=1000)  # the latest, for stats
+        self.tpot: deque[float] = deque(maxlen=1000)
+        self._new_ttft: list[float] = []  # since the last report to the router
+        self._new_tpot: list[float] = []
         self._finished_reasons: dict[str, int] = defaultdict(int)  # since the last report to the router
-        self._finished_order: list[int] = []
+        self._finished_order: deque[int] = deque()
         self.keep_finished = 10_000  # finished requests kept for late readers of their stream
         self._prompt_tokens_done = 0
         self._thread = threading.Thread(target=self._loop, name="raymoe-engine", daemon=True)
@@ -72,6 +93,13 @@ class Engine:
     # public, thread-safe
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> int:
         with self._cv:
+            if self._stopping:
+                raise ClusterUnavailable("the cluster is shutting down; it takes no new requests")
+            if self.health == UNHEALTHY:
+                raise ClusterUnavailable(
+                    f"the cluster cannot serve now ({self.health_error}); it keeps trying to rebuild itself: "
+                    "retry later, and check the Ray dashboard for lost nodes or resources"
+                )
             seq_id = self._next_id
             seq = Sequence(seq_id, prompt_ids, with_seed(params), self.tokenizer, self.eos_token_id, self.max_len)
             self.scheduler.add(seq_id, len(seq.prompt_ids), len(seq.prompt_ids) + seq.max_new)
@@ -95,11 +123,39 @@ class Engine:
             self._cancel.append(seq_id)
             self._cv.notify()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Stop the loop; every unfinished request ends at once (finish reason ``error``), even while a
+        step or a rebuild is still running. ``timeout`` bounds the wait for the loop thread (0: none)."""
         with self._cv:
             self._stopping = True
-            self._cv.notify()
-        self._thread.join(timeout=30)
+            self._fail_all("the engine stopped")
+            self._cv.notify_all()
+        if timeout:
+            self._thread.join(timeout=timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout=timeout)
+
+    def figures(self) -> dict:
+        """A consistent snapshot for ``stats()``: health, shards, throughput, latencies, totals."""
+        with self._cv:
+            now = time.perf_counter()
+            window = [t for t in self.recent if t[0] > now - 10]
+            span = (window[-1][0] - window[0][0]) if len(window) > 1 else 0.0
+            sch = self.scheduler
+            shards = [{"shard": i, "waiting": len(sh.waiting), "running": len(sh.running),
+                       "blocks_used": sch.blocks_used(i), "blocks_total": sh.allocator.num_blocks}
+                      for i, sh in enumerate(sch.shards)]
+            ttft, tpot = list(self.ttft)[-100:], list(self.tpot)[-100:]
+            return {
+                "health": {"state": self.health, "error": self.health_error,
+                           "recoveries": int(self.totals["recoveries"])},
+                "shards": shards,
+                "tokens_per_s": sum(n for _, n in window[1:]) / span if span else 0.0,
+                "ttft_s": sum(ttft) / len(ttft) if ttft else None,
+                "tpot_s": sum(tpot) / len(tpot) if tpot else None,
+                "totals": dict(self.totals), "preemptions": sch.num_preemptions,
+            }
 
     # the loop
     def _loop(self) -> None:
@@ -109,24 +165,41 @@ class Engine:
                     self._cv.wait()
                 if self._stopping:
                     break
-                self._apply_cancels()
-                chunks = self.scheduler.schedule()
-                plans = self._plans(chunks)
-            if not any(p.chunks for p in plans):
-                time.sleep(0.01)
-                continue
             try:
-                outputs = self._run(plans)
-            except Exception as e:  # noqa: BLE001 - recover (or fail the requests), the engine goes on
-                log.warning("step failed: %s", e)
-                if not self._recover(e):
-                    with self._cv:
-                        self._fail_all(f"step failed: {e}")
-                continue
-            with self._cv:
-                self._post_process(chunks, outputs)
+                self._iteration()
+            except Exception as e:  # noqa: BLE001 - a bug outside the step must end requests, never hang them
+                log.exception("engine iteration failed")
+                with self._cv:
+                    self._fail_all(f"internal error in the engine: {e!r}")
         with self._cv:
             self._fail_all("the engine stopped")
+
+    def _iteration(self) -> None:
+        """One step: schedule, run, post-process."""
+        with self._cv:
+            self._apply_cancels()
+            chunks = self.scheduler.schedule()
+            if not any(chunks):
+                plans = None
+            else:
+                plans = self._plans(chunks)
+        if plans is None:
+            time.sleep(0.01)
+            return
+        try:
+            outputs = self._run(plans)
+        except Exception as e:  # noqa: BLE001 - recover (or fail the requests), the engine goes on
+            log.warning("step failed: %s", e)
+            self._step_failures += 1
+            if self._step_failures >= self.max_step_failures:
+                with self._cv:  # the same requests broke every step since the last good one
+                    self._fail_all(f"step failed {self._step_failures} times in a row: {e}")
+                self._step_failures = 0
+            self._recover(e)
+            return
+        self._step_failures = 0
+        with self._cv:
+            self._post_process(chunks, outputs)
 
     def _apply_cancels(self) -> None:
         for seq_id in self._cancel:
@@ -151,22 +224,46 @@ class Engine:
 
     def _recover(self, error: Exception) -> bool:
         """Rebuild the data plane and re-queue every running request for recomputation. No accepted
-        request is lost or duplicated: the failed step's samples were never recorded."""
-        if self.rebuild is None or self.totals["recoveries"] >= self.max_recoveries:
-            return False
+        request is lost or duplicated: the failed step's samples were never recorded. Retries with
+        backoff until a rebuild (and a probe step over every actor) succeeds or the engine stops."""
         with self._cv:
             self.scheduler.requeue_all()
             self._release.clear()
             for req in self.requests.values():
                 req.sent_params = False
+            if self.rebuild is None:
+                self._set_health(UNHEALTHY, f"step failed and this engine cannot rebuild: {error}")
+                self._fail_all(f"step failed: {error}")
+                return False
+            if self.health == HEALTHY:
+                self._set_health(RECOVERING, str(error))
+        attempt = 0
+        while not self._stopping:
+            try:
+                self.attention, self.experts = self.rebuild()
+                self._run([StepPlan() for _ in self.attention])  # every actor, every collective, no tokens
+            except Exception as e:  # noqa: BLE001 - count it, back off, try again
+                attempt += 1
+                log.warning("rebuilding the cluster failed (attempt %d): %s", attempt, e)
+                with self._cv:
+                    if attempt >= self.max_rebuild_attempts and self.health != UNHEALTHY:
+                        self._set_health(UNHEALTHY, f"rebuilding the cluster failed {attempt} times: {e}")
+                        self._fail_all(f"the cluster cannot serve: {e}")
+                    self._cv.wait(min(self.backoff_s[1], self.backoff_s[0] * 2 ** (attempt - 1)))
+                continue
+            with self._cv:
+                self.totals["recoveries"] += 1
+                self._set_health(HEALTHY, None)
+            log.warning("cluster rebuilt after: %s; requests in flight are recomputed", error)
+            return True
+        return False
+
+    def _set_health(self, state: str, error: str | None) -> None:
+        self.health, self.health_error = state, error
         try:
-            self.attention, self.experts = self.rebuild()
-        except Exception:  # noqa: BLE001 - a failed rebuild fails the requests instead
-            log.exception("rebuilding the cluster failed")
-            return False
-        self.totals["recoveries"] += 1
-        log.warning("cluster rebuilt after: %s; requests in flight are recomputed", error)
-        return True
+            self.router.set_health.remote(state, error)
+        except Exception:  # noqa: BLE001 - the router may be gone too; stats() still tells
+            pass
 
     def _run(self, plans: list[StepPlan]):
         t0 = time.perf_counter()
@@ -202,17 +299,16 @@ class Engine:
                 load[layer] = [a + b for a, b in zip(load.get(layer, [0] * len(counts)), counts, strict=True)]
             sampled += [(self.requests.get(seq_id), token, top) for seq_id, (token, top) in out.sampled.items()]
         sampled = [(req, token, top) for req, token, top in sampled if req is not None and not req.seq.finished]
-        n_ttft, n_tpot = len(self.ttft), len(self.tpot)
         # figures first, so that a reader woken by the events below sees them
         self.totals["steps"] += 1
         self.totals["tokens_generated"] += len(sampled)
         self.totals["tokens_computed"] += sum(o.num_tokens for o in outputs)
         self.recent.append((now, len(sampled)))
-        del self.recent[:-200]
         for req, token, top in sampled:
             if req.first_token_at is None:
                 req.first_token_at = now
                 self.ttft.append(now - req.submitted)
+                self._new_ttft.append(now - req.submitted)
             piece = req.seq.append(token, top)
             self.scheduler.appended(req.seq.seq_id)
             req.events.put(StreamEvent(piece, [token]))
@@ -223,13 +319,20 @@ class Engine:
             for phase, s in out.seconds.items():
                 phases[phase] += s
         self.router.record_step.remote({
-            "load": load, "tokens_generated": len(sampled), "ttft": self.ttft[n_ttft:], "tpot": self.tpot[n_tpot:],
+            "load": load, "tokens_generated": len(sampled), "ttft": self._drain(self._new_ttft),
+            "tpot": self._drain(self._new_tpot),
             "finished": self._drain_finished(), "prompt_tokens": self._drain_prompt_tokens(),
             "shards": [{"shard": i, "waiting": len(sh.waiting), "running": len(sh.running),
                         "blocks_used": self.scheduler.blocks_used(i)} for i, sh in enumerate(self.scheduler.shards)],
             "phases": dict(phases),
         })
         self.totals["scheduler_seconds"] += time.perf_counter() - t0
+
+    @staticmethod
+    def _drain(values: list) -> list:
+        out = list(values)
+        values.clear()
+        return out
 
     def _drain_finished(self) -> dict[str, int]:
         out, self._finished_reasons = dict(self._finished_reasons), defaultdict(int)
@@ -247,7 +350,9 @@ class Engine:
             self._release[shard].append(seq.seq_id)
         req.finished_at = time.perf_counter()
         if req.first_token_at is not None and len(seq.output_ids) > 1:
-            self.tpot.append((req.finished_at - req.first_token_at) / (len(seq.output_ids) - 1))
+            tpot = (req.finished_at - req.first_token_at) / (len(seq.output_ids) - 1)
+            self.tpot.append(tpot)
+            self._new_tpot.append(tpot)
         result = seq.result()
         if error:
             result.finish_reason, result.error = "error", error
@@ -255,7 +360,7 @@ class Engine:
         self._prompt_tokens_done += len(seq.prompt_ids)
         self._finished_order.append(seq.seq_id)
         while len(self._finished_order) > self.keep_finished:  # their streams were handed out long ago
-            self.requests.pop(self._finished_order.pop(0), None)
+            self.requests.pop(self._finished_order.popleft(), None)
         req.events.put(StreamEvent("", [], True, result))
 
     def _fail_all(self, error: str) -> None:

@@ -28,6 +28,7 @@ class ClusterLayout:
     max_batch_tokens: int = 512
     max_running: int = 64
     collective_timeout_s: float = 120.0
+    startup_timeout_s: float = 1800.0  # actors loading their weights and joining the process group
     placement_strategy: str = "SPREAD"
     resources: dict[str, dict[str, float]] = field(default_factory=dict)
     replicas: dict[int, int] = field(default_factory=dict)

@@ -173,7 +173,7 @@ class ModelArgs:
                 path = path / "config.json"
             if not path.exists():
                 raise FileNotFoundError(f"{path} not found: a checkpoint folder needs a config.json")
-            cfg = json.loads(path.read_text())
+            cfg = read_json_object(path)
         return _from_hf_dict(cfg)
 
     @classmethod
@@ -195,106 +195,183 @@ def yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; anything else is a ``ValueError`` naming the file."""
+    try:
+        value = json.loads(path.read_bytes())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); fix or "
+                         "re-download it") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text; fix or re-download it") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {_json_type(value)}")
+    return value
+
+
+# Typed reads of config.json values. ``None`` (JSON null) counts as absent: optional keys take their
+# default, required ones (no default) fail. Errors name the key, the value and the type wanted.
+
+_REQUIRED: Any = object()
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def _bad(key: str, value, where: str, wanted: str) -> ValueError:
+    return ValueError(f"config.json: {where}{key} must be {wanted}, got {value!r}")
+
+
+def _get(obj: dict[str, Any], key: str, default, where: str, wanted: str, valid) -> Any:
+    value = obj.get(key)
+    if value is None:
+        if default is not _REQUIRED:
+            return default
+        if key in obj:
+            raise ValueError(f"config.json: {where}{key} must be {wanted}, got null")
+        raise ValueError(f"config.json: {where}{key} is required but missing; it must be {wanted}")
+    if not valid(value):
+        raise _bad(key, value, where, wanted)
+    return value
+
+
+def _int(obj: dict[str, Any], key: str, default=_REQUIRED, where: str = "") -> int:
+    # bool is a subclass of int, hence ``type(v) is``; 4096.0 is harmless
+    return int(_get(obj, key, default, where, "an integer",
+                    lambda v: type(v) is int or (type(v) is float and v.is_integer())))
+
+
+def _float(obj: dict[str, Any], key: str, default=_REQUIRED, where: str = "") -> float:
+    return float(_get(obj, key, default, where, "a number",
+                      lambda v: type(v) in (int, float) and math.isfinite(v)))
+
+
+def _bool(obj: dict[str, Any], key: str, default=_REQUIRED, where: str = "") -> bool:
+    return _get(obj, key, default, where, "true or false", lambda v: type(v) is bool)
+
+
+def _str(obj: dict[str, Any], key: str, default=_REQUIRED, where: str = "") -> str:
+    return _get(obj, key, default, where, "a string", lambda v: type(v) is str)
+
+
+def _token_id(cfg: dict[str, Any], key: str) -> int | None:
+    """``bos_token_id`` / ``eos_token_id``: an id, null, or a list whose first id is used."""
+    value = cfg.get(key)
+    first = (value[0] if value else None) if isinstance(value, list) else value
+    if first is not None and type(first) is not int:
+        raise _bad(key, value, "", "an integer, a list of integers or null")
+    return first
+
+
 def _from_hf_dict(cfg: dict[str, Any]) -> ModelArgs:
-    model_type = cfg.get("model_type")
+    model_type = _str(cfg, "model_type")
     if model_type not in MODEL_TYPES:
         raise ValueError(
             f"model_type {model_type!r} in config.json is not supported; raymoe serves {MODEL_TYPES}"
         )
     v2 = model_type == "deepseek_v2"
-    topk_method = cfg.get("topk_method") or ("greedy" if v2 else "noaux_tc")
+    topk_method = _str(cfg, "topk_method", "greedy" if v2 else "noaux_tc")
     if topk_method == "gready":  # the spelling some DeepSeek-V2 configs carry
         topk_method = "greedy"
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {cfg['hidden_act']!r} is not supported; DeepSeek models use 'silu'")
-    if cfg.get("rope_interleave", True) is not True:
+    hidden_act = _str(cfg, "hidden_act", "silu")
+    if hidden_act != "silu":
+        raise ValueError(f"hidden_act {hidden_act!r} is not supported; DeepSeek models use 'silu'")
+    if not _bool(cfg, "rope_interleave", True):
         raise ValueError("rope_interleave false is not supported; DeepSeek checkpoints rotate interleaved pairs")
-    n_routed = cfg.get("n_routed_experts") or 0
-
-    def get(key, default):
-        value = cfg.get(key)
-        return default if value is None else value
-
-    eos = cfg.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
+    n_routed = _int(cfg, "n_routed_experts", 0)
     return ModelArgs(
         model_type=model_type,
-        vocab_size=int(cfg["vocab_size"]),
-        hidden_size=int(cfg["hidden_size"]),
-        intermediate_size=int(cfg["intermediate_size"]),
-        moe_intermediate_size=int(get("moe_intermediate_size", 0)),
-        num_hidden_layers=int(cfg["num_hidden_layers"]),
-        first_k_dense_replace=int(get("first_k_dense_replace", 0)),
-        moe_layer_freq=int(get("moe_layer_freq", 1)),
-        n_routed_experts=int(n_routed),
-        n_shared_experts=int(get("n_shared_experts", 0)),
-        num_experts_per_tok=int(get("num_experts_per_tok", 1 if not n_routed else 0)),
-        n_group=int(get("n_group", 1)),
-        topk_group=int(get("topk_group", 1)),
-        routed_scaling_factor=float(get("routed_scaling_factor", 1.0)),
-        scoring_func=get("scoring_func", "softmax" if v2 else "sigmoid"),
+        vocab_size=_int(cfg, "vocab_size"),
+        hidden_size=_int(cfg, "hidden_size"),
+        intermediate_size=_int(cfg, "intermediate_size"),
+        moe_intermediate_size=_int(cfg, "moe_intermediate_size", 0),
+        num_hidden_layers=_int(cfg, "num_hidden_layers"),
+        first_k_dense_replace=_int(cfg, "first_k_dense_replace", 0),
+        moe_layer_freq=_int(cfg, "moe_layer_freq", 1),
+        n_routed_experts=n_routed,
+        n_shared_experts=_int(cfg, "n_shared_experts", 0),
+        num_experts_per_tok=_int(cfg, "num_experts_per_tok", 1 if not n_routed else 0),
+        n_group=_int(cfg, "n_group", 1),
+        topk_group=_int(cfg, "topk_group", 1),
+        routed_scaling_factor=_float(cfg, "routed_scaling_factor", 1.0),
+        scoring_func=_str(cfg, "scoring_func", "softmax" if v2 else "sigmoid"),
         topk_method=topk_method,
-        norm_topk_prob=bool(get("norm_topk_prob", not v2)),
-        num_attention_heads=int(cfg["num_attention_heads"]),
-        q_lora_rank=int(get("q_lora_rank", 0)),
-        kv_lora_rank=int(cfg["kv_lora_rank"]),
-        qk_nope_head_dim=int(cfg["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(cfg["qk_rope_head_dim"]),
-        v_head_dim=int(cfg["v_head_dim"]),
-        attention_bias=bool(get("attention_bias", False)),
-        rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(get("max_position_embeddings", 4096)),
+        norm_topk_prob=_bool(cfg, "norm_topk_prob", not v2),
+        num_attention_heads=_int(cfg, "num_attention_heads"),
+        q_lora_rank=_int(cfg, "q_lora_rank", 0),
+        kv_lora_rank=_int(cfg, "kv_lora_rank"),
+        qk_nope_head_dim=_int(cfg, "qk_nope_head_dim"),
+        qk_rope_head_dim=_int(cfg, "qk_rope_head_dim"),
+        v_head_dim=_int(cfg, "v_head_dim"),
+        attention_bias=_bool(cfg, "attention_bias", False),
+        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-6),
+        max_position_embeddings=_int(cfg, "max_position_embeddings", 4096),
         rope=_rope_from_hf(cfg),
-        num_nextn_predict_layers=int(get("num_nextn_predict_layers", 0)),
+        num_nextn_predict_layers=_int(cfg, "num_nextn_predict_layers", 0),
         quant=_quant_from_hf(cfg.get("quantization_config")),
-        tie_word_embeddings=bool(get("tie_word_embeddings", False)),
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=eos,
-        index_n_heads=int(get("index_n_heads", 0)),
-        index_head_dim=int(get("index_head_dim", 0)),
-        index_topk=int(get("index_topk", 0)),
+        tie_word_embeddings=_bool(cfg, "tie_word_embeddings", False),
+        bos_token_id=_token_id(cfg, "bos_token_id"),
+        eos_token_id=_token_id(cfg, "eos_token_id"),
+        index_n_heads=_int(cfg, "index_n_heads", 0),
+        index_head_dim=_int(cfg, "index_head_dim", 0),
+        index_topk=_int(cfg, "index_topk", 0),
     )
 
 
 def _rope_from_hf(cfg: dict[str, Any]) -> RopeArgs:
     # DeepSeek's own configs: rope_theta + rope_scaling; transformers 5: rope_parameters (theta inside)
+    where = "rope_parameters." if cfg.get("rope_parameters") else "rope_scaling."
     scaling = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if not isinstance(scaling, dict):
-        raise ValueError("rope_scaling / rope_parameters must be a JSON object")
-    theta = scaling.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        raise ValueError(f"config.json: {where[:-1]} must be a JSON object, got {scaling!r}")
+    if "rope_theta" in scaling:
+        theta = _float(scaling, "rope_theta", 10000.0, where)
+    else:
+        theta = _float(cfg, "rope_theta", 10000.0)
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
-        return RopeArgs(theta=float(theta))
+        return RopeArgs(theta=theta)
     if rope_type != "yarn":
         raise ValueError(f"rope scaling type {rope_type!r} is not supported; use 'yarn' or none")
     for key in ("factor", "original_max_position_embeddings"):
         if scaling.get(key) is None:
-            raise ValueError(f"rope_scaling.{key} is required for yarn scaling")
+            raise ValueError(f"config.json: {where}{key} is required for yarn scaling")
+
+    def unset_if_zero(key: str, default: float) -> float:  # 0 reads as unset, as in transformers' yarn
+        return _float(scaling, key, default, where) or default
+
     return RopeArgs(
-        theta=float(theta),
+        theta=theta,
         type="yarn",
-        factor=float(scaling["factor"]),
-        original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-        beta_fast=float(scaling.get("beta_fast") or 32.0),
-        beta_slow=float(scaling.get("beta_slow") or 1.0),
-        mscale=float(scaling.get("mscale") or 1.0),
-        mscale_all_dim=float(scaling.get("mscale_all_dim") or 0.0),
+        factor=_float(scaling, "factor", where=where),
+        original_max_position_embeddings=_int(scaling, "original_max_position_embeddings", where=where),
+        beta_fast=unset_if_zero("beta_fast", 32.0),
+        beta_slow=unset_if_zero("beta_slow", 1.0),
+        mscale=unset_if_zero("mscale", 1.0),
+        mscale_all_dim=_float(scaling, "mscale_all_dim", 0.0, where),
     )
 
 
-def _quant_from_hf(qc: dict[str, Any] | None) -> QuantArgs | None:
+def _quant_from_hf(qc: Any) -> QuantArgs | None:
     if not qc:
         return None
+    if not isinstance(qc, dict):
+        raise ValueError(f"config.json: quantization_config must be a JSON object, got {qc!r}")
+    where = "quantization_config."
     method = qc.get("quant_method")
     if method != "fp8":
         raise ValueError(f"quantization_config.quant_method {method!r} is not supported; raymoe reads 'fp8'")
-    if qc.get("fmt", "e4m3") != "e4m3":
-        raise ValueError(f"quantization_config.fmt {qc.get('fmt')!r} is not supported; use e4m3")
-    block = tuple(qc.get("weight_block_size") or (128, 128))
-    if len(block) != 2:
-        raise ValueError(f"quantization_config.weight_block_size must be [rows, cols], got {list(block)}")
-    return QuantArgs(weight_block_size=(int(block[0]), int(block[1])), scale_fmt=qc.get("scale_fmt"))
+    fmt = _str(qc, "fmt", "e4m3", where)
+    if fmt != "e4m3":
+        raise ValueError(f"quantization_config.fmt {fmt!r} is not supported; use e4m3")
+    block = qc.get("weight_block_size") or [128, 128]
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(type(b) is int for b in block)):
+        raise _bad("weight_block_size", block, where, "[rows, cols] (two integers)")
+    scale_fmt = _str(qc, "scale_fmt", None, where)
+    return QuantArgs(weight_block_size=(block[0], block[1]), scale_fmt=scale_fmt)
 
 
 def args_to_hf(args: ModelArgs) -> dict[str, Any]:

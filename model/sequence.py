@@ -41,6 +41,11 @@ class Sequence:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context is {max_len} tokens; "
                 "shorten the prompt"
             )
+        if params.max_new_tokens > max_len:
+            raise ValueError(
+                f"max_new_tokens {params.max_new_tokens} is more than the model's context of {max_len} tokens; "
+                f"ask for at most {max_len - len(prompt_ids)} with this prompt"
+            )
         self.seq_id, self.prompt_ids, self.params = seq_id, list(prompt_ids), params
         self.output_ids: list[int] = []
         self.top_logprobs: list[list[list[float]]] = []

@@ -19,7 +19,12 @@ def summary_markdown(stats: dict) -> str:
         return "-" if v is None else f"{1e3 * v:.1f} ms"
 
     t = stats["totals"]
-    return (f"**Throughput** {stats['tokens_per_s']:.1f} tokens/s (last 10 s) &nbsp; "
+    health = stats.get("health") or {"state": "healthy"}
+    state = {"healthy": "healthy", "recovering": "recovering (rebuilding the data plane)",
+             "unhealthy": "UNHEALTHY: new requests are refused"}.get(health["state"], health["state"])
+    detail = f" ({html.escape(str(health['error']))})" if health.get("error") else ""
+    return (f"**Cluster** {state}{detail}, recoveries {health.get('recoveries', 0)}<br>"
+            f"**Throughput** {stats['tokens_per_s']:.1f} tokens/s (last 10 s) &nbsp; "
             f"**Time to first token** {ms(stats['ttft_s'])} &nbsp; **Time per output token** {ms(stats['tpot_s'])}"
             f"<br>steps {int(t.get('steps', 0))}, tokens generated {int(t.get('tokens_generated', 0))}, "
             f"preemptions {stats['preemptions']}")

@@ -38,11 +38,11 @@ def test_bad_lines_become_error_lines_and_the_rest_completes(llm, tmp_path):
     ]
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
     summary = run_batch(llm, tmp_path / "in.jsonl", tmp_path / "out.jsonl", GREEDY, progress=False)
-    out = {str(r["id"]): r for r in _read(tmp_path / "out.jsonl")}
-    assert sorted(out) == ["7", "a", "b", "c", "d", "e", "line-2", "line-5"]
-    assert {k for k, r in out.items() if "error" in r} == {"b", "d", "e", "line-2", "line-5"}
+    out = {str(r["id"] if r["id"] is not None else f"line {r['line']}"): r for r in _read(tmp_path / "out.jsonl")}
+    assert sorted(out) == ["7", "a", "b", "c", "d", "e", "line 2", "line 5"]
+    assert {k for k, r in out.items() if "error" in r} == {"b", "d", "e", "line 2", "line 5"}
     assert "context" in out["b"]["error"] and "temperature" in out["d"]["error"] and "colour" in out["e"]["error"]
-    assert "not valid JSON" in out["line-2"]["error"] and "id" in out["line-5"]["error"]
+    assert "not valid JSON" in out["line 2"]["error"] and "id" in out["line 5"]["error"]
     assert summary["ok"] == 3 and summary["failed"] == 5
     ref = llm.generate(["Hello world", [{"role": "user", "content": "Hi"}], "The expert"],
                        [GREEDY, SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True), GREEDY])
@@ -59,3 +59,16 @@ def test_rerun_resumes_and_repairs_a_torn_line(llm, tmp_path):
     records = _read(out)
     assert sorted(r["id"] for r in records) == list(range(6))
     assert records[0]["text"] == "kept" and summary["already_done"] == 1 and summary["ok"] == 5
+
+
+def test_a_poisonous_line_never_reaches_the_cluster(llm, tmp_path):
+    """A line with a float top_k once failed every step (and every request in flight with it)."""
+    inp = tmp_path / "in.jsonl"
+    lines = [json.dumps({"id": i, "prompt": f"prompt {i}"}) for i in range(10)]
+    lines.insert(3, json.dumps({"id": "bad", "prompt": "x", "top_k": 2.5}))
+    inp.write_text("\n".join(lines) + "\n")
+    recoveries = llm.engine.totals["recoveries"]
+    summary = run_batch(llm, inp, tmp_path / "out.jsonl", GREEDY, progress=False)
+    records = {r["id"]: r for r in _read(tmp_path / "out.jsonl")}
+    assert summary["ok"] == 10 and "top_k must be an integer" in records["bad"]["error"]
+    assert llm.engine.totals["recoveries"] == recoveries

@@ -94,4 +94,4 @@ def test_ray_job_submit_runs_a_batch(ray_head, tiny_dir, tmp_path):
     assert job.returncode == 0, (job.stdout + job.stderr)[-3000:]
     assert "batch done: 1 ok, 1 failed" in job.stdout
     records = {r["id"]: r for r in _read(out)}
-    assert set(records) == {"j1", "line-2"} and len(records["j1"]["output_ids"]) == 5
+    assert set(records) == {"j1", None} and len(records["j1"]["output_ids"]) == 5 and records[None]["line"] == 2

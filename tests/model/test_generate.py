@@ -105,6 +105,12 @@ def test_prompt_too_long_is_a_clear_error(tiny_llm):
         tiny_llm.generate([[5] * n], GREEDY)
 
 
+def test_max_new_tokens_beyond_the_context_is_a_clear_error(tiny_llm):
+    n = tiny_llm.args.max_position_embeddings
+    with pytest.raises(ValueError, match=f"max_new_tokens {n + 1} is more than the model's context of {n}"):
+        tiny_llm.generate(["Hello"], SamplingParams(temperature=0, max_new_tokens=n + 1))
+
+
 def test_max_new_tokens_capped_by_context(tiny_llm):
     n = tiny_llm.args.max_position_embeddings
     out = tiny_llm.generate([[5] * (n - 3)], SamplingParams(temperature=0, max_new_tokens=50,
@@ -113,7 +119,10 @@ def test_max_new_tokens_capped_by_context(tiny_llm):
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
-                                 dict(max_new_tokens=0), dict(logprobs=-1)])
+                                 dict(max_new_tokens=0), dict(logprobs=-1), dict(temperature=float("inf")),
+                                 dict(top_k=2.5), dict(top_k=True), dict(seed="7"), dict(seed=1.5),
+                                 dict(logprobs=1.5), dict(max_new_tokens=2**40), dict(stop=[1]),
+                                 dict(ignore_eos="yes")])
 def test_invalid_sampling_rejected(bad):
     key = next(iter(bad))
     with pytest.raises(ValueError, match=key):
