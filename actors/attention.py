@@ -30,7 +30,7 @@ class AttentionShard:
         torch.set_num_threads(torch_threads)
         self.device = device
         self.model = load_model(model_dir, DTYPES[dtype], device, with_mtp=False, progress=False,
-                                routed_experts=False)
+                                routed_experts=self._routed_experts)
         self.args = self.model.args
         self.cache = MLACache(self.args, self.args.num_hidden_layers, num_blocks, block_size, DTYPES[dtype],
                               device)
@@ -55,14 +55,18 @@ class AttentionShard:
     def set_placement(self, placement: Placement) -> int:
         table = RoutingTable(placement, self.info.num_attention)
         self.dispatcher = Dispatcher(self.info, self.group, table, self.args.n_routed_experts, self.timer)
-        for layer, moe in self.model.moe_modules.items():
-            moe.remote_experts = lambda x, routing, layer=layer: self.dispatcher(layer, x, routing)
         return placement.version
+
+    def _routed_experts(self, layer_id: int, x: torch.Tensor, routing) -> torch.Tensor:
+        """The model's routed experts: out to the expert actors and back, with the current table."""
+        return self.dispatcher(layer_id, x, routing)
 
     @torch.inference_mode()
     def step(self, plan: StepPlan) -> StepOutput:
         t0 = time.perf_counter()
         self.timer.seconds.clear()
+        if plan.placement is not None:
+            self.set_placement(plan.placement)
         for seq_id in plan.release:
             self.samplers.pop(seq_id, None)
         for c in plan.chunks:

@@ -12,8 +12,10 @@ from collections import defaultdict
 import torch
 
 from actors.collective import GroupInfo, all_to_all_rows, exchange_counts
+from actors.expert_bank import ExpertBank
 from actors.placement import RoutingTable
-from model.moe import ExpertBank, Routing
+from kernels.moe import sort_by_expert
+from model.moe import Routing
 
 
 class Timer:
@@ -40,10 +42,10 @@ class Dispatcher:
         t = time.perf_counter()
         flat = routing.indices.flatten()
         self.load[layer] = torch.bincount(flat.cpu(), minlength=self.n_experts)
-        rank, slot = self.table.choose(layer, routing.indices)
-        order = rank.argsort(stable=True)  # group the rows by destination rank
-        token = order // routing.indices.shape[1]
-        send = torch.bincount(rank, minlength=self.info.world_size)
+        rank, slot = self.table.choose(layer, routing.indices)  # [T * top_k] each
+        # group the rows by destination rank
+        order, token, offsets = sort_by_expert(rank.view_as(routing.indices), self.info.world_size)
+        send = offsets.diff()
         t = self.timer.add("gate", t)
         recv = exchange_counts(send, self.group)
         send_l, recv_l = send.tolist(), recv.tolist()
@@ -68,10 +70,8 @@ def serve_expert_layer(info: GroupInfo, group, bank: ExpertBank, hidden: int, dt
     rows = all_to_all_rows(torch.empty(0, hidden, dtype=dtype), send_l, recv_l, group)
     slots = all_to_all_rows(torch.empty(0, 1, dtype=torch.int64), send_l, recv_l, group)[:, 0]
     t = timer.add("dispatch", t)
-    order = slots.argsort(stable=True)
-    counts = torch.bincount(slots, minlength=bank.num_slots)
-    offsets = torch.zeros(bank.num_slots + 1, dtype=torch.int64)
-    offsets[1:] = counts.cumsum(0)
+    order, _, offsets = sort_by_expert(slots[:, None], bank.num_slots)
+    counts = offsets.diff()
     out = torch.empty_like(rows)
     if rows.shape[0]:
         out[order] = bank.forward_sorted(rows[order], offsets).to(dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from actors.placement import Placement
 from model.sampling import SamplingParams
 
 
@@ -24,6 +25,7 @@ class ChunkPlan:
 class StepPlan:
     chunks: list[ChunkPlan] = field(default_factory=list)
     release: list[int] = field(default_factory=list)  # finished or cancelled sequences: drop their samplers
+    placement: Placement | None = None  # route with this placement from this step on (a switch)
 
 
 @dataclass
@@ -38,3 +40,5 @@ class StepOutput:
 class ExpertStepOutput:
     rows: list[int]  # rows computed per MoE layer
     seconds: dict[str, float]
+    version: int = 0  # the placement version this step served
+    staged_version: int | None = None  # a placement whose weights are loaded and ready to switch to

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.moe import sort_by_expert
+
 
 @dataclass(frozen=True)
 class Placement:
@@ -81,10 +83,8 @@ class RoutingTable:
         count, rank, slot = self.tensors[layer]
         flat = indices.flatten().cpu()
         # the n-th token routed to expert e goes to copy n % copies(e)
-        order = flat.argsort(stable=True)
-        per_expert = torch.bincount(flat, minlength=count.numel())
-        first = per_expert.cumsum(0) - per_expert
+        order, _, offsets = sort_by_expert(flat[:, None], count.numel())
         ordinal = torch.empty_like(flat)
-        ordinal[order] = torch.arange(flat.numel()) - first[flat[order]]
+        ordinal[order] = torch.arange(flat.numel()) - offsets[flat[order]]
         which = ordinal % count[flat]
         return rank[flat, which], slot[flat, which]

@@ -198,9 +198,11 @@ def load_into(module: torch.nn.Module, reader: CheckpointReader, prefix: str = "
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                with_mtp: bool = True, progress: bool = True, dequantize_fp8: bool = False,
-               routed_experts: bool = True):
+               routed_experts=None):
     """Build the single-process model for the checkpoint at ``path`` and load its weights.
-    ``dequantize_fp8``: run an FP8 checkpoint with ``dtype`` weights (dequantised once at load)."""
+    ``dequantize_fp8``: run an FP8 checkpoint with ``dtype`` weights (dequantised once at load).
+    ``routed_experts`` (a ``model.moe.RoutedExperts``): the routed experts run there and are not
+    loaded here (an attention shard's part of the model)."""
     from model.transformer import Transformer
 
     reader = CheckpointReader(path)
@@ -260,16 +262,17 @@ def validate_checkpoint(path: str | Path, need_tokenizer: bool = False) -> Model
 
 def _expected_tensors(args: ModelArgs, weight_map: dict[str, str]) -> dict[str, torch.Tensor]:
     """Name -> meta tensor (shape, dtype) of every tensor the model reads: what ``load_model``
-    fills, the routed experts the expert actors read (``ExpertBank.load``), and each MTP layer
+    fills, the routed experts the expert actors read (``actors.expert_bank.ExpertBank.load``), and each MTP layer
     that the checkpoint has any tensor of."""
     from model.layers import MLP
+    from model.moe import experts_elsewhere
     from model.transformer import Transformer
 
     fp8_block = args.quant.weight_block_size if args.quant else None
     try:
         with torch.device("meta"):
             # the routed experts of all layers are one MLP's names repeated: far cheaper to list than build
-            model = Transformer(args, with_mtp=True, routed_experts=False)
+            model = Transformer(args, with_mtp=True, routed_experts=experts_elsewhere)
             expert = MLP(args.hidden_size, args.moe_intermediate_size, torch.bfloat16, fp8_block)
     except NotImplementedError as e:
         raise CheckpointError(str(e)) from e

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from kernels.moe import sort_by_expert
 from model.config import ModelArgs
 from model.layers import MLP
 
@@ -67,98 +68,41 @@ class Gate(nn.Module):
 def run_experts(x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
     """Sum of ``weight * expert(x)`` over each token's routed experts; ``experts[i]`` is a callable
     for logical expert ``i`` (only the ones hit are called)."""
+    order, rows, offsets = sort_by_expert(routing.indices, len(experts))
     y = torch.zeros_like(x, dtype=torch.float32)
-    flat = routing.indices.flatten()
-    order = flat.argsort(stable=True)
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    token_of = order // routing.indices.shape[1]
     w_sorted = routing.weights.flatten()[order]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = token_of[start:start + n]
-        out = experts[e](x[rows])
-        y.index_add_(0, rows, out.float() * w_sorted[start:start + n, None])
-        start += n
+    bounds = offsets.tolist()
+    for e in range(len(experts)):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            y.index_add_(0, rows[lo:hi], experts[e](x[rows[lo:hi]]).float() * w_sorted[lo:hi, None])
     return y.to(x.dtype)
 
 
-class ExpertBank:
-    """Routed experts' weights for a set of physical slots, stacked per projection: ``gate``/``up``
-    [S, moe_inter, hidden] and ``down`` [S, hidden, moe_inter], float or FP8 with block scales.
-    A slot holds one logical expert (or nothing yet: a spare slot for a replica)."""
+# (layer_id, x [T, hidden], routing) -> [T, hidden]: the weighted sum of each token's routed experts,
+# computed elsewhere (the cluster's expert actors)
+RoutedExperts = Callable[[int, torch.Tensor, Routing], torch.Tensor]
 
-    PROJ = ("gate_proj", "up_proj", "down_proj")
 
-    def __init__(self, weights: dict[str, torch.Tensor], scales: dict[str, torch.Tensor] | None = None):
-        self.weights, self.scales = weights, scales
-
-    @property
-    def fp8(self) -> bool:
-        return self.scales is not None
-
-    @property
-    def num_slots(self) -> int:
-        return self.weights["gate_proj"].shape[0]
-
-    @classmethod
-    def load(cls, reader, layer_id: int, logical: list[int | None], args: ModelArgs, dtype: torch.dtype,
-             device: str | torch.device = "cpu") -> ExpertBank:
-        """Read the experts ``logical[slot]`` of MoE layer ``layer_id`` (``None``: an empty spare slot)."""
-        fp8 = args.quant is not None
-        names = []
-        for e in logical:
-            if e is not None:
-                base = f"model.layers.{layer_id}.mlp.experts.{e}."
-                names += [base + p + ".weight" for p in cls.PROJ]
-                names += [base + p + ".weight_scale_inv" for p in cls.PROJ] if fp8 else []
-        t = reader.read(names, device=device)
-        weights, scales = {}, {}
-        shapes = {"gate_proj": (args.moe_intermediate_size, args.hidden_size),
-                  "up_proj": (args.moe_intermediate_size, args.hidden_size),
-                  "down_proj": (args.hidden_size, args.moe_intermediate_size)}
-        for p, (o, i) in shapes.items():
-            w_dtype = torch.float8_e4m3fn if fp8 else dtype
-            weights[p] = torch.zeros(len(logical), o, i, dtype=w_dtype, device=device)
-            scales[p] = torch.zeros(len(logical), -(-o // 128), -(-i // 128), dtype=torch.float32, device=device)
-            for slot, e in enumerate(logical):
-                if e is None:
-                    continue
-                base = f"model.layers.{layer_id}.mlp.experts.{e}.{p}."
-                weights[p][slot] = t[base + "weight"].to(w_dtype)
-                if fp8:
-                    scales[p][slot] = t[base + "weight_scale_inv"]
-        return cls(weights, scales if fp8 else None)
-
-    def forward_sorted(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by slot (``offsets`` [S+1]) through their slot's SwiGLU expert -> [N, hidden]."""
-        w = self.weights
-        if self.fp8:
-            s = self.scales
-            return kernels.moe.swiglu_fp8_sorted(x, offsets, w["gate_proj"], s["gate_proj"], w["up_proj"],
-                                                 s["up_proj"], w["down_proj"], s["down_proj"]).to(x.dtype)
-        y = torch.empty(x.shape[0], w["down_proj"].shape[1], dtype=x.dtype, device=x.device)
-        bounds = offsets.tolist()
-        for slot in range(self.num_slots):
-            lo, hi = bounds[slot], bounds[slot + 1]
-            if hi > lo:
-                h = F.silu(F.linear(x[lo:hi], w["gate_proj"][slot])) * F.linear(x[lo:hi], w["up_proj"][slot])
-                y[lo:hi] = F.linear(h, w["down_proj"][slot])
-        return y
+def experts_elsewhere(layer_id: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """For a model part built without its routed experts and never run (checking a checkpoint)."""
+    raise RuntimeError(f"layer {layer_id}: this model part was built without its routed experts")
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None, routed_experts: bool = True):
+    def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, fp8_block=None,
+                 routed_experts: RoutedExperts | None = None):
+        """``routed_experts``: where the routed experts run when not here (an attention shard passes
+        its dispatcher to the expert actors); ``None`` builds them in this module."""
         super().__init__()
+        self.layer_id = layer_id
         self.fp8 = fp8_block is not None
         self._stacked: tuple[torch.Tensor, ...] | None = None
-        # set by the cluster's attention shard: sends the routed part to the expert actors
-        self.remote_experts: Callable[[torch.Tensor, Routing], torch.Tensor] | None = None
+        self.routed_experts = routed_experts
         self.gate = Gate(args)
         self.experts = nn.ModuleList(
             MLP(args.hidden_size, args.moe_intermediate_size, dtype, fp8_block)
-            for _ in range(args.n_routed_experts if routed_experts else 0)
+            for _ in range(args.n_routed_experts if routed_experts is None else 0)
         )
         self.shared_experts = (
             MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts, dtype, fp8_block)
@@ -182,8 +126,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         routing = self.gate(x)
-        if self.remote_experts is not None:
-            y = self.remote_experts(x, routing)
+        if self.routed_experts is not None:
+            y = self.routed_experts(self.layer_id, x, routing)
         elif self.fp8:
             y = kernels.moe_fp8(x, routing.indices, routing.weights, *self.stacked_fp8())
         else:

@@ -8,18 +8,18 @@ from torch import nn
 from model.attention import MLA, AttnMeta
 from model.config import ModelArgs
 from model.layers import MLP, Linear, RMSNorm
-from model.moe import MoE
+from model.moe import MoE, RoutedExperts
 from model.rope import RotaryEmbedding
 
 
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, fp8_block=None,
-                 routed_experts: bool = True):
+                 routed_experts: RoutedExperts | None = None):
         super().__init__()
         self.layer_id = layer_id
         self.self_attn = MLA(args, dtype, fp8_block)
         if args.is_moe_layer(layer_id):
-            self.mlp = MoE(args, dtype, fp8_block, routed_experts)
+            self.mlp = MoE(args, layer_id, dtype, fp8_block, routed_experts)
         else:
             self.mlp = MLP(args.hidden_size, args.intermediate_size, dtype, fp8_block)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
@@ -65,7 +65,7 @@ class MTPBlock(Block):
 
 class Model(nn.Module):
     def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None, with_mtp: bool = True,
-                 routed_experts: bool = True):
+                 routed_experts: RoutedExperts | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
         self.embed_tokens.weight.requires_grad_(False)
@@ -81,8 +81,9 @@ class Transformer(nn.Module):
     """Embedding, ``num_hidden_layers`` blocks, final norm and ``lm_head`` (+ MTP layers)."""
 
     def __init__(self, args: ModelArgs, dtype: torch.dtype = torch.bfloat16, with_mtp: bool = True,
-                 routed_experts: bool = True):
-        """``routed_experts=False``: everything but the routed experts (an attention shard's part)."""
+                 routed_experts: RoutedExperts | None = None):
+        """``routed_experts``: the main layers' routed experts run there (an attention shard's model
+        holds everything else); ``None``: the whole model in this process."""
         super().__init__()
         if args.model_type == "deepseek_v32":
             raise NotImplementedError(
