@@ -112,7 +112,7 @@ class ExpertGroup:
             self.rows_per_slot[layer] = [a + b for a, b in zip(self.rows_per_slot[layer], per_slot, strict=True)]
             rows.append(sum(per_slot))
         self.rows_total += sum(rows)
-        return ExpertStepOutput(rows, dict(self.timer.seconds), self.version, self.staged_version())
+        return ExpertStepOutput(rows, dict(self.timer.seconds), self.version, self.staged_version(), self.rows_total)
 
 
 @ray.remote

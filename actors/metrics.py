@@ -23,6 +23,10 @@ class ClusterMetrics:
         self.state = Gauge("raymoe_cluster_state", "1 for the cluster's current state (healthy, recovering, "
                            "unhealthy), 0 for the others", tag_keys=("state",))
         self.health("healthy")
+        self.imbalance = Gauge("raymoe_expert_imbalance", "max/mean rows per expert actor over the load window")
+        self.rebalances = Counter("raymoe_rebalances", "Placement switches (rebalances and scaling)")
+        self.rebalance_seconds = Counter("raymoe_rebalance_seconds", "Seconds from plan to switch, summed")
+        self.placement_version = Gauge("raymoe_placement_version", "The placement version the cluster routes with")
         self.phase = Histogram("raymoe_step_phase_seconds", "Seconds per step phase (dispatch, combine, ...)",
                                LATENCY_BOUNDS, tag_keys=("phase",))
 

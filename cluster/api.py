@@ -12,17 +12,17 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from actors.collective import GroupInfo
 from actors.placement import Placement
+from cluster.bringup import DataPlane
 from cluster.engine import Engine, StreamEvent
 from cluster.layout import ClusterLayout
+from cluster.rebalance import PlacementSwitch
 from cluster.scheduler import Scheduler
 from model.checkpoint import validate_checkpoint
 from model.config import ModelArgs
@@ -58,47 +58,15 @@ def _ensure_ray(address: str | None, loopback: bool = True) -> tuple[bool, str |
     return started, (f"http://{url}" if url and not url.startswith("http") else url)
 
 
-def _spawn_data_plane(model_dir: Path, layout: ClusterLayout, placement: Placement, pg):
-    """Attention and expert actors in their placement-group bundles, joined in one process group."""
-    from actors.attention import AttentionActor
-    from actors.expert import ExpertActor
-
-    def on(i):
-        return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i)
-
-    common = dict(num_cpus=layout.num_cpus_per_actor, num_gpus=1 if layout.device == "cuda" else 0)
-    attention = [
-        AttentionActor.options(scheduling_strategy=on(i), **common).remote(
-            str(model_dir), layout.dtype, layout.num_blocks, layout.block_size, layout.torch_threads, layout.device)
-        for i in range(layout.attention_shards)
-    ]
-    experts = [
-        ExpertActor.options(scheduling_strategy=on(layout.attention_shards + i), **common).remote(
-            str(model_dir), i, placement, layout.dtype, layout.torch_threads, layout.device)
-        for i in range(layout.expert_actors)
-    ]
-    actors = attention + experts
-    try:  # loading weights happens in the actors' constructors: bounded by the layout's startup timeout
-        master_addr, master_port = ray.get(actors[0].address.remote(), timeout=layout.startup_timeout_s)
-        infos = [GroupInfo(rank, layout.world_size, layout.attention_shards, layout.backend,
-                           layout.collective_timeout_s) for rank in range(layout.world_size)]
-        ray.get([a.init_group.remote(info, master_addr, master_port, placement)
-                 for a, info in zip(actors, infos, strict=True)], timeout=layout.startup_timeout_s)
-    except Exception:
-        for a in actors:
-            ray.kill(a, no_restart=True)
-        raise
-    return attention, experts
-
-
 class RayMoE:
     """A handle on a running raymoe cluster (attention shards, expert actors, a router, the engine)."""
 
     def __init__(self, model_dir: Path, layout: ClusterLayout, args: ModelArgs, tokenizer: Tokenizer | None,
-                 attention, experts, router, pg, engine: Engine, started_ray: bool):
+                 attention, experts, router, plane: DataPlane, engine: Engine, started_ray: bool):
         self.model_dir, self.layout, self.args, self.tokenizer = model_dir, layout, args, tokenizer
-        self.attention, self.experts, self.router, self._pg = attention, experts, router, pg
+        self.attention, self.experts, self.router, self._plane = attention, experts, router, plane
         self.engine, self._started_ray = engine, started_ray
+        self._scale_lock = threading.Lock()
         self.started_at = time.time()
         self.dashboard_url: str | None = None
         self._replace_actors(attention, experts)
@@ -136,44 +104,40 @@ class RayMoE:
 
         placement = Placement.initial(args.moe_layers, args.n_routed_experts, layout.expert_actors,
                                       layout.spare_slots, layout.replicas)
-        gpus = 1 if layout.device == "cuda" else 0
-        bundles = ([{"CPU": layout.num_cpus_per_actor, "GPU": gpus, **layout.resources.get("attention", {})}]
-                   * layout.attention_shards
-                   + [{"CPU": layout.num_cpus_per_actor, "GPU": gpus, **layout.resources.get("expert", {})}]
-                   * layout.expert_actors)
-        bundles = [{k: v for k, v in b.items() if v} for b in bundles]
-        pg = placement_group(bundles, strategy=layout.placement_strategy)
+        plane = DataPlane(model_dir, layout)
         try:
-            ray.get(pg.ready(), timeout=120)
-        except Exception as e:
-            remove_placement_group(pg)
-            raise RuntimeError(
-                f"the cluster cannot place {len(bundles)} actors with {bundles} ({layout.placement_strategy}); "
-                f"available: {ray.available_resources()}. Lower num_cpus_per_actor or the actor counts"
-            ) from e
-
-        def spawn():
-            return _spawn_data_plane(model_dir, layout, placement, pg)
-
-        attention, experts = spawn()
+            attention, experts = plane.spawn(placement)
+        except Exception:
+            plane.shutdown()
+            raise
+        balance, autoscale = layout.balance_policy, layout.autoscale_policy
+        window = max([64] + [p.window_steps for p in (balance, autoscale) if p is not None])
         router = RouterActor.options(**({"resources": layout.resources["router"]}
                                         if "router" in layout.resources else {})).remote(
-            placement, args.n_routed_experts)
+            placement, args.n_routed_experts, window)
         handle: dict = {}
 
-        def rebuild():
-            for a in handle["llm"].attention + handle["llm"].experts:
+        def rebuild():  # a fault: every data-plane actor anew, on the placement in force
+            llm = handle["llm"]
+            for a in llm.attention + llm.experts:
                 ray.kill(a, no_restart=True)
-            new_attention, new_experts = spawn()
-            handle["llm"]._replace_actors(new_attention, new_experts)
+            new_attention, new_experts = plane.spawn(llm.engine.switch.placement)
+            llm._replace_actors(new_attention, new_experts)
             return new_attention, new_experts
 
+        def regroup(attention, experts, placement):  # scaling: a new process group at a step boundary
+            plane.join(attention, experts, placement, timeout=max(60.0, layout.collective_timeout_s))
+            handle["llm"]._replace_actors(attention, experts)
+
+        switch = PlacementSwitch(placement, router, balance, autoscale,
+                                 scale=lambda n: handle["llm"]._scale_in_background(n))
         scheduler = Scheduler(layout.attention_shards, layout.num_blocks, layout.block_size,
                               layout.max_batch_tokens, layout.max_running)
         eos = tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None else args.eos_token_id
         engine = Engine(attention, experts, router, scheduler, tokenizer, eos, args.max_position_embeddings,
-                        step_timeout_s=max(60.0, 2 * layout.collective_timeout_s), rebuild=rebuild)
-        llm = cls(model_dir, layout, args, tokenizer, attention, experts, router, pg, engine, started)
+                        step_timeout_s=max(60.0, 2 * layout.collective_timeout_s), rebuild=rebuild,
+                        switch=switch, regroup=regroup)
+        llm = cls(model_dir, layout, args, tokenizer, attention, experts, router, plane, engine, started)
         llm.dashboard_url = dashboard
         handle["llm"] = llm
         return llm
@@ -208,6 +172,63 @@ class RayMoE:
     def cancel(self, request_id: int) -> None:
         self.engine.cancel(request_id)
 
+    # placement
+    @property
+    def placement(self) -> Placement:
+        """The expert placement in force (logical -> physical slots, with its version)."""
+        return self.engine.switch.placement
+
+    def rebalance(self, timeout: float | None = 600.0) -> int:
+        """Plan a placement for the recent load now and apply it live (the weights load in the
+        background; every actor switches at one step boundary). Returns the placement version in
+        force afterwards (unchanged when the current placement is already the best found)."""
+        result = ray.get(self.router.plan.remote(force=True), timeout=60)
+        if result.placement is None:
+            return self.placement.version
+        return self.engine.request_placement(result.placement).result(timeout)
+
+    def scale_experts(self, n: int, timeout: float | None = 1800.0) -> int:
+        """Run with ``n`` expert actors from a coming step boundary, while requests go on: new actors
+        start in new placement-group bundles and load their slots, the planner re-places the experts
+        over ``n`` actors, staying actors stage their new slots in the background, then the process
+        group is rebuilt over the new set at one step boundary. Returns the new placement version."""
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"scale_experts needs a number of expert actors >= 1, got {n!r}")
+        with self._scale_lock:
+            self.engine.switch.scaling = True
+            try:
+                return self._scale(n, timeout)
+            finally:
+                self.engine.switch.scaling = False
+
+    def _scale(self, n: int, timeout: float | None) -> int:
+        current = self.placement
+        if n == current.num_actors:
+            return current.version
+        slots = -(-self.args.n_routed_experts // n) + self.layout.spare_slots
+        result = ray.get(self.router.plan.remote(force=True, num_actors=n, slots_per_actor=slots), timeout=60)
+        placement = result.placement
+        staying = self.engine.experts[:min(n, current.num_actors)]
+        new = self._plane.spawn_experts(range(current.num_actors, n), placement)
+        ready = [a.address.remote() for a in new]
+        try:
+            version = self.engine.request_placement(placement, staying + new, ready).result(timeout)
+        except Exception:
+            for a in new:
+                ray.kill(a, no_restart=True)
+            raise
+        self._plane.release_experts_from(n)
+        return version
+
+    def _scale_in_background(self, n: int) -> None:
+        def run():
+            try:
+                self.scale_experts(n)
+            except Exception as e:  # noqa: BLE001 - the policy tries again later
+                log.warning("autoscaling to %d expert actors failed: %s", n, e)
+
+        threading.Thread(target=run, name="raymoe-autoscale", daemon=True).start()
+
     # watching
     def stats(self) -> dict:
         """Figures for the dashboard: health, shards, throughput, latencies, expert load. Never blocks
@@ -217,10 +238,13 @@ class RayMoE:
             self._expert_load = ray.get(self.router.load_stats.remote(), timeout=5)
         except Exception as e:  # noqa: BLE001 - a slow or lost router must not stall the page
             log.warning("the router did not answer: %s", e)
+        load = getattr(self, "_expert_load", {})
         return {
-            "layout": {"attention_shards": self.layout.attention_shards, "expert_actors": self.layout.expert_actors},
+            "layout": {"attention_shards": self.layout.attention_shards, "expert_actors": len(self.experts)},
             **figures,
-            "expert_load": getattr(self, "_expert_load", {}),
+            "expert_load": load,
+            "placement_version": self.placement.version,
+            "experts": load.get("experts", []),
         }
 
     def cluster_info(self) -> list[dict]:
@@ -246,7 +270,7 @@ class RayMoE:
         for a in self.attention + self.experts + [self.router]:
             ray.kill(a)  # a step in flight fails at once
         self.engine.join(timeout=30)
-        remove_placement_group(self._pg)
+        self._plane.shutdown()
         if self._started_ray:
             ray.shutdown()
 

@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback")
+    p.add_argument("--share", action="store_true",
+                   help="also open a public Gradio share link (needs --allow-remote; GRADIO_SHARE is ignored)")
     p.add_argument("--refresh", type=float, default=2.0, help="cluster tab refresh interval, seconds")
     p.add_argument("--max-sessions", type=int, default=64, help="chat requests served at once")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")

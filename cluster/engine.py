@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import ray
 
 from actors.messages import ChunkPlan, StepPlan
+from cluster.rebalance import PlacementSwitch
 from cluster.scheduler import Scheduler
 from model.sampling import SamplingParams, with_seed
 from model.sequence import GenerationResult, Sequence
@@ -52,7 +53,8 @@ class Request:
 class Engine:
     def __init__(self, attention_actors, expert_actors, router, scheduler: Scheduler, tokenizer, eos_token_id,
                  max_len: int, step_timeout_s: float = 600.0, rebuild=None, max_step_failures: int = 3,
-                 max_rebuild_attempts: int = 3, backoff_s: tuple[float, float] = (1.0, 60.0)):
+                 max_rebuild_attempts: int = 3, backoff_s: tuple[float, float] = (1.0, 60.0),
+                 switch: PlacementSwitch | None = None, regroup=None):
         """``rebuild()``: replace every data-plane actor after a failure (an actor died, a collective timed
         out) and return the new (attention, expert) actors; requests in flight are then re-run from
         their token history.
@@ -69,6 +71,7 @@ class Engine:
         self.rebuild, self.max_step_failures = rebuild, max_step_failures
         self.max_rebuild_attempts = max_rebuild_attempts
         self.backoff_s = backoff_s
+        self.switch, self._regroup = switch, regroup
         self.health, self.health_error = HEALTHY, None
         self._step_failures = 0  # consecutive
         self.requests: dict[int, Request] = {}
@@ -161,7 +164,8 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._cancel and not self.scheduler.has_work():
+                while not self._stopping and not self._cancel and not self.scheduler.has_work() \
+                        and not self._switch_busy():
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -174,32 +178,75 @@ class Engine:
         with self._cv:
             self._fail_all("the engine stopped")
 
+    def _switch_busy(self) -> bool:
+        return self.switch is not None and self.switch.busy
+
+    def request_placement(self, placement, experts: list | None = None, ready_refs: list | None = None):
+        """Apply ``placement`` at a coming step boundary (``experts``: the new expert actor list when
+        scaling); returns a ``Future`` of the version, set once every actor has switched."""
+        with self._cv:
+            if self.health != HEALTHY:
+                raise ClusterUnavailable(f"the cluster is {self.health}; try again when it is healthy")
+            future = self.switch.request(placement, experts, ready_refs)
+            self._cv.notify()
+            return future
+
     def _iteration(self) -> None:
         """One step: schedule, run, post-process."""
+        placement, switch_to = None, None
+        if self.switch is not None:
+            self.switch.tick(int(self.totals["steps"]), self)
+            try:
+                placement, switch_to = self.switch.before_step(self)
+            except Exception as e:  # noqa: BLE001 - a failed regroup is a failed step
+                self._step_failed(e)
+                return
         with self._cv:
             self._apply_cancels()
             chunks = self.scheduler.schedule()
-            if not any(chunks):
+            if not any(chunks) and switch_to is None and not self._switch_busy():
                 plans = None
             else:
                 plans = self._plans(chunks)
         if plans is None:
             time.sleep(0.01)
             return
+        if not any(p.chunks for p in plans) and switch_to is None:
+            time.sleep(0.005)  # waiting for a placement to be staged: poll with empty steps
+        for p in plans:
+            p.placement = placement
+        t0 = time.perf_counter()
         try:
-            outputs = self._run(plans)
+            outputs, expert_outputs = self._run(plans, switch_to)
         except Exception as e:  # noqa: BLE001 - recover (or fail the requests), the engine goes on
-            log.warning("step failed: %s", e)
-            self._step_failures += 1
-            if self._step_failures >= self.max_step_failures:
-                with self._cv:  # the same requests broke every step since the last good one
-                    self._fail_all(f"step failed {self._step_failures} times in a row: {e}")
-                self._step_failures = 0
-            self._recover(e)
+            self._step_failed(e)
             return
         self._step_failures = 0
+        if self.switch is not None:
+            self.switch.after_step(expert_outputs, switch_to, time.perf_counter() - t0)
         with self._cv:
-            self._post_process(chunks, outputs)
+            self._post_process(chunks, outputs, expert_outputs)
+
+    def regroup(self, experts: list, placement) -> None:
+        """Join the attention shards and ``experts`` in a new process group on ``placement`` (at a step
+        boundary: scaling the expert actors); actors no longer in the list are stopped."""
+        self._regroup(self.attention, experts, placement)
+        removed = [e for e in self.experts if e not in experts]
+        self.experts = list(experts)
+        for e in removed:
+            ray.kill(e, no_restart=True)
+
+    def _step_failed(self, e: Exception) -> None:
+        """Recover (or fail the requests that keep breaking steps); the engine goes on."""
+        log.warning("step failed: %s", e)
+        self._step_failures += 1
+        if self._step_failures >= self.max_step_failures:
+            with self._cv:  # the same requests broke every step since the last good one
+                self._fail_all(f"step failed {self._step_failures} times in a row: {e}")
+            self._step_failures = 0
+        if self.switch is not None:
+            self.switch.abort(str(e), self.experts)
+        self._recover(e)
 
     def _apply_cancels(self) -> None:
         for seq_id in self._cancel:
@@ -265,10 +312,11 @@ class Engine:
         except Exception:  # noqa: BLE001 - the router may be gone too; stats() still tells
             pass
 
-    def _run(self, plans: list[StepPlan]):
+    def _run(self, plans: list[StepPlan], switch_to: int | None = None):
+        """One lockstep step over every actor -> (attention outputs, expert outputs)."""
         t0 = time.perf_counter()
         attn_refs = [a.step.remote(p) for a, p in zip(self.attention, plans, strict=True)]
-        expert_refs = [e.step.remote() for e in self.experts]
+        expert_refs = [e.step.remote(switch_to) for e in self.experts]
         # fail fast: the first actor that dies ends the step (its peers may be stuck in a collective)
         pending = attn_refs + expert_refs
         deadline = t0 + self.step_timeout_s
@@ -286,9 +334,9 @@ class Engine:
         for out in expert_outputs:
             for phase, s in out.seconds.items():
                 self.totals[f"expert.{phase}"] += s
-        return outputs
+        return outputs, expert_outputs
 
-    def _post_process(self, chunks, outputs) -> None:
+    def _post_process(self, chunks, outputs, expert_outputs=()) -> None:
         t0 = time.perf_counter()
         self.scheduler.computed(chunks)
         now = time.perf_counter()
@@ -325,6 +373,8 @@ class Engine:
             "shards": [{"shard": i, "waiting": len(sh.waiting), "running": len(sh.running),
                         "blocks_used": self.scheduler.blocks_used(i)} for i, sh in enumerate(self.scheduler.shards)],
             "phases": dict(phases),
+            "expert_rows": [sum(o.rows) for o in expert_outputs],
+            "expert_rows_total": [o.rows_total for o in expert_outputs],
         })
         self.totals["scheduler_seconds"] += time.perf_counter() - t0
 

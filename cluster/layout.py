@@ -32,6 +32,10 @@ class ClusterLayout:
     placement_strategy: str = "SPREAD"
     resources: dict[str, dict[str, float]] = field(default_factory=dict)
     replicas: dict[int, int] = field(default_factory=dict)
+    # {every_steps, window_steps, min_gain}: re-plan expert placement from the load (absent: off)
+    balance: dict[str, float] | None = None
+    # {min_expert_actors, max_expert_actors, scale_out_rows, scale_in_rows, window_steps, cooldown_steps}
+    autoscale: dict[str, float] | None = None
 
     def __post_init__(self):
         for key in ("attention_shards", "expert_actors", "block_size", "num_blocks", "max_batch_tokens",
@@ -44,6 +48,14 @@ class ClusterLayout:
             raise ValueError(f"layout: device {self.device!r} is not supported; use cpu or cuda")
         if self.dtype not in ("bfloat16", "float32", "float16"):
             raise ValueError(f"layout: dtype {self.dtype!r} is not supported; use bfloat16, float16 or float32")
+        for key, policy in (("balance", "balance_policy"), ("autoscale", "autoscale_policy")):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, dict):
+                raise ValueError(f"layout: {key} must be a mapping, got {value!r}")
+            try:
+                getattr(self, policy)
+            except TypeError as e:
+                raise ValueError(f"layout: {key}: {e}") from None
         if self.placement_strategy not in STRATEGIES:
             raise ValueError(f"layout: placement_strategy must be one of {STRATEGIES}")
         unknown_roles = set(self.resources) - {"attention", "expert", "router"}
@@ -57,6 +69,21 @@ class ClusterLayout:
                         f"layout: resource {name!r} ({role}) contains '_group_', which Ray takes for a "
                         "placement-group resource (the actor would never be scheduled); rename it"
                     )
+
+    @property
+    def balance_policy(self):
+        from actors.router import BalancePolicy
+
+        return None if self.balance is None else BalancePolicy(**self.balance)
+
+    @property
+    def autoscale_policy(self):
+        from actors.router import AutoscalePolicy
+
+        if self.autoscale is None:
+            return None
+        return AutoscalePolicy(**{"min_expert_actors": self.expert_actors, "max_expert_actors": self.expert_actors,
+                                  **self.autoscale})
 
     @property
     def world_size(self) -> int:

@@ -2,14 +2,24 @@
 
 Uses the ``tokenizers`` library directly and renders the chat template with a sandboxed Jinja
 environment, as Hugging Face does, so no transformers import is needed at run time.
+
+Control tokens (the tokenizer's added tokens: ``<｜User｜>``, ``<｜end▁of▁sentence｜>``, ...) in a chat
+come from the chat template only. A message whose content holds such a string gets it as text,
+so a client cannot forge turns: the string is swapped for an escape (U+E000, its index, U+E001:
+private-use characters) before rendering, and the escape is encoded afterwards with the model's vocabulary
+alone, e.g. ``<｜User｜>`` in a user message becomes the tokens of ``<``, ``｜``, ``User``, ...
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
+
+_ESCAPE_OPEN, _ESCAPE_CLOSE = "\ue000", "\ue001"
+_ESCAPE = re.compile(f"{_ESCAPE_OPEN}(\\d+){_ESCAPE_CLOSE}")
 
 
 def _token_text(value) -> str | None:
@@ -32,6 +42,9 @@ class Tokenizer:
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default") or next(iter(named.values()), None)
         self._compiled = None
+        # longest first, so that a token holding another is taken whole
+        self._added = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values()} |
+                             {_ESCAPE_OPEN, _ESCAPE_CLOSE}, key=len, reverse=True)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -77,8 +90,53 @@ class Tokenizer:
         )
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered by the chat template (which writes its own BOS)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+        """Token ids of a conversation rendered by the chat template (which writes its own BOS).
+        Added-token strings inside message content are encoded as text, never as control tokens."""
+        literals: list[str] = []
+        escaped = [self._escape_message(m, literals) for m in messages]
+        text = self.apply_chat_template(escaped, add_generation_prompt)
+        if not literals:
+            return self.encode(text, add_bos=False)
+        ids, plain = [], ""
+        for i, part in enumerate(_ESCAPE.split(text)):  # template text, literal index, template text, ...
+            if i % 2:
+                plain += literals[int(part)]
+            elif part:
+                ids += self._plain_ids(plain) + self._tok.encode(part, add_special_tokens=False).ids
+                plain = ""
+        return ids + self._plain_ids(plain)
+
+    def _escape_message(self, message, literals: list[str]):
+        """The message with every added-token string in its content (a string, or the ``text`` of
+        content parts) replaced by an escape that points into ``literals``."""
+        if not isinstance(message, dict):
+            return message  # apply_chat_template names the problem
+
+        def keep(match: re.Match) -> str:
+            literals.append(match.group())
+            return f"{_ESCAPE_OPEN}{len(literals) - 1}{_ESCAPE_CLOSE}"
+
+        def escape(text):
+            found = [t for t in self._added if t in text] if isinstance(text, str) else []
+            return re.sub("|".join(map(re.escape, found)), keep, text) if found else text
+
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [{**part, "text": escape(part["text"])} if isinstance(part, dict) and "text" in part else part
+                       for part in content]
+        else:
+            content = escape(content)
+        return {**message, "content": content} if "content" in message else message
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """Ids of ``text`` from the model's vocabulary alone (normalizer, pre-tokenizer, model), so
+        no added token can match: what ``encode`` gives for text that holds none."""
+        if not text:
+            return []
+        if self._tok.normalizer is not None:
+            text = self._tok.normalizer.normalize_str(text)
+        pieces = self._tok.pre_tokenizer.pre_tokenize_str(text) if self._tok.pre_tokenizer else [(text, None)]
+        return [t.id for piece, _ in pieces for t in self._tok.model.tokenize(piece)]
 
 
 def encode_prompt(tokenizer: Tokenizer | None, prompt: str | list[int] | list[dict], vocab_size: int) -> list[int]:

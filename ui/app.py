@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import gradio as gr
@@ -9,15 +10,20 @@ import gradio as gr
 from ui.chat import ChatError, stream_reply
 from ui.cluster_view import actor_rows, load_heatmap_html, shard_rows, summary_markdown
 
+log = logging.getLogger("raymoe.ui")
+
 
 def build_app(llm, refresh_s: float = 2.0) -> gr.Blocks:
-    def chat(message: str, history: list, system_prompt: str = "", temperature: float = 0.7, top_p: float = 0.95,
-             top_k: int = 0, max_new_tokens: int = 256) -> Iterator[str]:
-        """Stream a reply to ``message`` after ``history`` (a list of {role, content} messages)."""
+    def chat(message: str, history: list | None = None, system_prompt: str = "", temperature: float = 0.7,
+             top_p: float = 0.95, top_k: int = 0, max_new_tokens: int = 256) -> Iterator[str]:
+        """Stream a reply to ``message`` after ``history`` (optional: a list of {role, content} messages,
+        content a string or a list of {"type": "text", "text": ...} parts)."""
         try:
             yield from stream_reply(llm, message, history, system_prompt, temperature, top_p, top_k, max_new_tokens)
         except ChatError as e:
-            raise gr.Error(str(e)) from None
+            # a rejected input is one console line, not the traceback Gradio prints by default
+            log.warning("chat request rejected: %s", " ".join(str(e).split()))
+            raise gr.Error(str(e), print_exception=False) from None
 
     def respond(message, history, system_prompt, temperature, top_p, top_k, max_new_tokens):
         history = list(history or []) + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
@@ -31,7 +37,7 @@ def build_app(llm, refresh_s: float = 2.0) -> gr.Blocks:
         return (summary_markdown(stats), shard_rows(stats), actor_rows(llm.cluster_info()),
                 load_heatmap_html(stats["expert_load"]))
 
-    with gr.Blocks(title="raymoe") as app:
+    with gr.Blocks(title="raymoe", analytics_enabled=False) as app:
         gr.Markdown(f"## raymoe &nbsp; <small>{llm.model_dir.name}: {llm.args.model_type}, "
                     f"{llm.args.n_routed_experts} experts, {llm.layout.attention_shards} attention shard(s) x "
                     f"{llm.layout.expert_actors} expert actor(s)</small>")

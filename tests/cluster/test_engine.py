@@ -40,14 +40,14 @@ class FakeEngine(Engine):
         super().__init__(["a"] * shards, ["e"], FakeRouter(), sch, None, None, max_len=256,
                          rebuild=rebuild or (lambda: (["a"] * shards, ["e"])), backoff_s=(0.01, 0.05), **kw)
 
-    def _run(self, plans):
+    def _run(self, plans, switch_to=None):
         self.calls += 1
         self.plans_seen.append(plans)
         if self.gate is not None:
             self.gate.wait()
         if self.fail(self.calls, plans):
             raise RuntimeError("an actor died")
-        return [StepOutput({c.seq_id: (TOKEN, []) for c in p.chunks if c.sample}, {}, {}, 0) for p in plans]
+        return [StepOutput({c.seq_id: (TOKEN, []) for c in p.chunks if c.sample}, {}, {}, 0) for p in plans], []
 
 
 def _result(engine, rid, timeout=30):

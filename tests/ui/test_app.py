@@ -105,3 +105,14 @@ def test_browser_chat_and_cluster_tabs(served, tmp_path):
             page.screenshot(path=str(ARTIFACTS / "cluster-tab.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_chat_takes_the_message_alone(served):
+    llm = served["llm"]
+    before = set(llm.engine.requests)
+    reply = _client(served["url"]).predict("Hello", api_name="/chat")
+    (request_id,) = set(llm.engine.requests) - before
+    seq = llm.engine.requests[request_id].seq
+    assert seq.prompt_ids == llm.encode([{"role": "user", "content": "Hello"}])
+    assert seq.params.temperature == 0.7 and seq.params.max_new_tokens == 256  # the page's defaults
+    assert reply == seq.text

@@ -1,0 +1,42 @@
+"""A stand-in for ``RayMoE`` with the few members the page uses, for tests that need no Ray."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+
+class FakeLLM:
+    """Replies with ``reply`` in pieces of ``piece`` characters and records what it was sent."""
+
+    def __init__(self, reply: str = "Hello there, I am fake.", piece: int = 4):
+        self.reply, self.piece = reply, piece
+        self.submitted: list[tuple[list[dict], object]] = []
+        self.cancelled: list[int] = []
+        self.model_dir = Path("/fake/tiny")
+        self.args = SimpleNamespace(model_type="deepseek_v3", n_routed_experts=8)
+        self.layout = SimpleNamespace(attention_shards=1, expert_actors=2)
+        self.dashboard_url = None
+
+    def submit(self, messages, params) -> int:
+        if sum(len(m["content"]) for m in messages) > 10_000:
+            raise ValueError("the prompt is longer than the model's context")
+        self.submitted.append((messages, params))
+        return len(self.submitted) - 1
+
+    def stream(self, request_id: int):
+        pieces = [self.reply[i:i + self.piece] for i in range(0, len(self.reply), self.piece)]
+        for i, text in enumerate(pieces):
+            last = i == len(pieces) - 1
+            yield SimpleNamespace(text=text, finished=last, result=SimpleNamespace(error=None) if last else None)
+
+    def cancel(self, request_id: int) -> None:
+        self.cancelled.append(request_id)
+
+    def stats(self) -> dict:
+        return {"shards": [], "totals": {}, "tokens_per_s": 0.0, "ttft_s": None, "tpot_s": None, "preemptions": 0,
+                "expert_load": {}}
+
+    def cluster_info(self) -> list:
+        return []
+
+    def shutdown(self) -> None:
+        pass
