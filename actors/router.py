@@ -154,8 +154,8 @@ class Router:
 
     def commit(self, placement: Placement, seconds: float) -> int:
         """The engine switched every actor to ``placement`` (``seconds`` from plan to switch)."""
+        self.actor_rows.clear()  # rows per actor of the old placement say nothing about the new one
         if placement.num_actors != self.placement.num_actors:
-            self.actor_rows.clear()
             self.actor_rows_total = self.actor_rows_total[:placement.num_actors]
         self.placement = placement
         self.rebalances += 1

@@ -29,7 +29,8 @@ def _sampling_from(args):
 def cmd_make_tiny(args) -> int:
     from model.tiny import make_tiny
 
-    out = make_tiny(args.out, preset=args.preset, fp8=args.fp8, seed=args.seed)
+    out = make_tiny(args.out, preset=args.preset, fp8=args.fp8, seed=args.seed, hot_experts=args.hot_experts,
+                    hot_bias=args.hot_bias)
     print(f"wrote {out}")
     return 0
 
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp8", action="store_true", help="block-FP8 weights with *_scale_inv, as DeepSeek-V3")
     p.add_argument("--preset", default="tiny", help="a preset from configs/models (default: tiny)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hot-experts", type=int, default=0,
+                   help="per MoE layer, favour this many experts in the gate (a skewed workload; default 0)")
+    p.add_argument("--hot-bias", type=float, default=1.0, help="gate bias added to each hot expert (default 1.0)")
     p.set_defaults(func=cmd_make_tiny)
 
     p = sub.add_parser("generate", help="generate text for prompts")

@@ -223,7 +223,7 @@ class Engine:
             return
         self._step_failures = 0
         if self.switch is not None:
-            self.switch.after_step(expert_outputs, switch_to, time.perf_counter() - t0)
+            self.switch.after_step(self.experts, expert_outputs, switch_to, time.perf_counter() - t0)
         with self._cv:
             self._post_process(chunks, outputs, expert_outputs)
 

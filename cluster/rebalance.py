@@ -140,7 +140,8 @@ class PlacementSwitch:
         self._done(c)
         return None, None
 
-    def after_step(self, expert_outputs, switched: int | None, seconds: float) -> None:
+    def after_step(self, experts: list, expert_outputs, switched: int | None, seconds: float) -> None:
+        """``expert_outputs[i]``: what ``experts[i]`` (the actors of the step just run) reported."""
         c = self.change
         if c is None:
             return
@@ -148,8 +149,9 @@ class PlacementSwitch:
             self.switch_steps.append(seconds)
             self._done(c)
             return
-        if c.prepared and expert_outputs and all(o.staged_version == c.version for o in expert_outputs):
-            c.staged = True
+        staying = [o for e, o in zip(experts, expert_outputs, strict=True) if c.experts is None or e in c.experts]
+        if c.prepared and staying and all(o.staged_version == c.version for o in staying):
+            c.staged = True  # actors that scaling removes never stage: they are not waited for
 
     def _done(self, c: Change) -> None:
         seconds = time.perf_counter() - c.started

@@ -128,9 +128,26 @@ def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
+def skew_gate_bias(state: dict[str, torch.Tensor], hot_experts: int, hot_bias: float, seed: int) -> None:
+    """Add ``hot_bias`` to the gate correction bias of ``hot_experts`` experts per MoE layer (in place)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    biases = sorted(n for n in state if n.endswith("e_score_correction_bias"))
+    if not biases:
+        raise ValueError("hot_experts needs a gate with e_score_correction_bias (topk_method noaux_tc)")
+    for name in biases:
+        bias = state[name]
+        if not 0 < hot_experts <= bias.numel():
+            raise ValueError(f"hot_experts must be in 1..{bias.numel()}, got {hot_experts}")
+        hot = torch.randperm(bias.numel(), generator=gen)[:hot_experts]
+        bias[hot] += hot_bias
+
+
 def make_tiny(out: str | Path, preset: str = "tiny", fp8: bool = False, seed: int = 0,
-              num_shards: int = 2, **overrides) -> Path:
-    """Write a random checkpoint for ``preset`` (``configs/models/NAME.json``) to ``out``."""
+              num_shards: int = 2, hot_experts: int = 0, hot_bias: float = 1.0, **overrides) -> Path:
+    """Write a random checkpoint for ``preset`` (``configs/models/NAME.json``) to ``out``.
+
+    ``hot_experts``: in every MoE layer, that many experts (a seeded choice per layer) get ``hot_bias``
+    added to their gate's correction bias, so routing favours them: a skewed workload for balancing."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     args = ModelArgs.from_preset(preset)
@@ -140,6 +157,8 @@ def make_tiny(out: str | Path, preset: str = "tiny", fp8: bool = False, seed: in
     if fp8:
         args = args.replace(quant=QuantArgs())
     state = random_state_dict(args, seed)
+    if hot_experts:
+        skew_gate_bias(state, hot_experts, hot_bias, seed)
 
     names = sorted(state)
     shards = [names[i::num_shards] for i in range(num_shards)] if num_shards > 1 else [names]
