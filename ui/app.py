@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import gradio as gr
 
 from ui.chat import ChatError, stream_reply
-from ui.cluster_view import actor_rows, load_heatmap_html, shard_rows, summary_markdown
+from ui.cluster_view import actor_rows, expert_bars_html, load_heatmap_html, shard_rows, summary_markdown
 
 log = logging.getLogger("raymoe.ui")
 
@@ -35,7 +35,7 @@ def build_app(llm, refresh_s: float = 2.0) -> gr.Blocks:
     def refresh():
         stats = llm.stats()
         return (summary_markdown(stats), shard_rows(stats), actor_rows(llm.cluster_info()),
-                load_heatmap_html(stats["expert_load"]))
+                expert_bars_html(stats), load_heatmap_html(stats["expert_load"]))
 
     with gr.Blocks(title="raymoe", analytics_enabled=False) as app:
         gr.Markdown(f"## raymoe &nbsp; <small>{llm.model_dir.name}: {llm.args.model_type}, "
@@ -66,9 +66,10 @@ def build_app(llm, refresh_s: float = 2.0) -> gr.Blocks:
                                   interactive=False)
             actors = gr.Dataframe(headers=["role", "index", "node ip", "node", "device", "state"], label="Actors",
                                   interactive=False)
+            bars = gr.HTML()
             heatmap = gr.HTML()
             timer = gr.Timer(refresh_s)
-            outputs = [summary, shards, actors, heatmap]
+            outputs = [summary, shards, actors, bars, heatmap]
             timer.tick(refresh, None, outputs, api_visibility="private")
             app.load(refresh, None, outputs, api_visibility="private")
         gr.api(chat, api_name="chat")

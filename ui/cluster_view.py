@@ -53,3 +53,32 @@ def load_heatmap_html(expert_load: dict, which: str = "window") -> str:
     return (f'<div class="raymoe-heatmap"><table style="border-collapse:collapse; font-size:11px">'
             f"<tr><th></th>{head}</tr>{''.join(rows)}</table>"
             f"<p>tokens per (layer, expert) over the recent window; x2 = two physical copies</p></div>")
+
+
+def expert_bars_html(stats: dict) -> str:
+    """Per expert actor: a bar of the rows it computed over the recent window, the rows since it
+    started, and what it holds; above them the placement version and the measured max/mean."""
+    experts = stats.get("experts") or []
+    load = stats.get("expert_load") or {}
+    version = stats.get("placement_version", 0)
+    imbalance = load.get("imbalance")
+    figure = "-" if imbalance is None else f"{imbalance:.2f}"
+    head = (f"<p><b>Expert placement</b> version {version} &nbsp; <b>max/mean rows per expert actor</b> "
+            f"{figure} (1.00 = even) &nbsp; rebalances {load.get('rebalances', 0)}, "
+            f"{load.get('rebalance_seconds', 0.0):.1f} s spent</p>")
+    if not experts:
+        return f'<div class="raymoe-experts">{head}<p>No expert actor has reported yet.</p></div>'
+    peak = max(e["rows_window"] for e in experts) or 1
+    rows = []
+    for e in experts:
+        held = [x for slots in e["slots"].values() for x in slots if x is not None]
+        pct = 100 * e["rows_window"] / peak
+        rows.append(
+            f'<tr><th>expert actor {e["index"]}</th>'
+            f'<td style="width:320px"><div title="{e["rows_window"]} rows over the window" '
+            f'style="background:#6c7cf0; height:12px; width:{pct:.0f}%"></div></td>'
+            f'<td style="text-align:right">{e["rows_window"]}</td><td style="text-align:right">{e["rows_total"]}</td>'
+            f"<td>{len(held)} expert copies</td></tr>")
+    return (f'<div class="raymoe-experts">{head}<table style="font-size:12px">'
+            "<tr><th></th><th>rows, recent window</th><th>window</th><th>since start</th><th>holds</th></tr>"
+            f"{''.join(rows)}</table></div>")

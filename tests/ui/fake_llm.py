@@ -33,7 +33,7 @@ class FakeLLM:
 
     def stats(self) -> dict:
         return {"shards": [], "totals": {}, "tokens_per_s": 0.0, "ttft_s": None, "tpot_s": None, "preemptions": 0,
-                "expert_load": {}}
+                "expert_load": {}, "placement_version": 0, "experts": []}
 
     def cluster_info(self) -> list:
         return []

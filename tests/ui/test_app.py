@@ -102,6 +102,7 @@ def test_browser_chat_and_cluster_tabs(served, tmp_path):
             page.wait_for_selector(".raymoe-heatmap table", timeout=60_000)
             text = page.inner_text("body")
             assert "attention" in text and "expert" in text and "tokens/s" in text
+            assert "Expert placement" in text and "max/mean rows per expert actor" in text
             page.screenshot(path=str(ARTIFACTS / "cluster-tab.png"), full_page=True)
         finally:
             browser.close()
