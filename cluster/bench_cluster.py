@@ -24,7 +24,7 @@ def main(args) -> int:
 
     path = _model_dir(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    layouts = [tuple(int(v) for v in lay.split("x")) for lay in args.layouts.split(",")]
+    layouts = [tuple(int(v) for v in lay.split("x")) for lay in (args.layouts or "1x2,2x2").split(",")]
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     local = LocalLLM(path, dtype=args.dtype, progress=False)

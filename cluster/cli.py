@@ -92,6 +92,8 @@ def cmd_bench(args) -> int:
         from cluster.bench_generate import main as bench_main
     elif args.what == "cluster":
         from cluster.bench_cluster import main as bench_main
+    elif args.what == "balance":
+        from cluster.bench_balance import main as bench_main
     else:
         from cluster.bench_kernels import main as bench_main
     if args.out is None:
@@ -161,14 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["generate", "cluster", "kernels"])
+    p.add_argument("what", choices=["generate", "cluster", "balance", "kernels"])
     p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--layouts", default="1x2,2x2", help="cluster layouts to measure, shards x experts")
+    p.add_argument("--layouts", default=None,
+                   help="cluster layouts to measure, shards x experts (default: 1x2,2x2; balance: 1x3,1x4)")
+    p.add_argument("--spare-slots", type=int, default=2, help="balance: free slots per expert actor (default 2)")
     p.add_argument("--out", default=None, help="JSON file (default: bench-results/WHAT.json)")
     p.set_defaults(func=cmd_bench)
     return parser
