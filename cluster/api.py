@@ -20,7 +20,7 @@ import ray
 
 from actors.placement import Placement
 from cluster.bringup import DataPlane
-from cluster.engine import Engine, StreamEvent
+from cluster.engine import ClusterUnavailable, Engine, StreamEvent
 from cluster.layout import ClusterLayout
 from cluster.rebalance import PlacementSwitch
 from cluster.scheduler import Scheduler
@@ -32,7 +32,7 @@ from model.tokenizer import Tokenizer, encode_prompt
 
 log = logging.getLogger("raymoe")
 
-__all__ = ["RayMoE", "SamplingParams", "StreamEvent", "GenerationResult", "ClusterLayout"]
+__all__ = ["ClusterUnavailable", "RayMoE", "SamplingParams", "StreamEvent", "GenerationResult", "ClusterLayout"]
 
 
 def _ensure_ray(address: str | None, loopback: bool = True) -> tuple[bool, str | None]:

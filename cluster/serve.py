@@ -28,7 +28,8 @@ def main(args) -> int:
     if args.share and not args.allow_remote:
         raise ValueError("--share opens a public link to the page; add --allow-remote to mean it")
     print("starting the cluster ...", flush=True)
-    llm = RayMoE.start(_model_dir(args), args.layout, address=args.address, **_layout_overrides(args))
+    llm = RayMoE.start(_model_dir(args), args.layout, address=args.address, need_tokenizer=True,
+                       **_layout_overrides(args))
     stop = threading.Event()
     try:
         app = build_app(llm, refresh_s=args.refresh)

@@ -12,7 +12,7 @@ import math
 import re
 from collections.abc import Iterator
 
-from model.sampling import SamplingParams
+from cluster.api import ClusterUnavailable, SamplingParams
 
 ROLES = ("user", "assistant", "system")
 MAX_HISTORY = 1000  # messages
@@ -118,7 +118,7 @@ def stream_reply(llm, message: str, history: list | None = None, system_prompt: 
     params = sampling(temperature, top_p, top_k, max_new_tokens)
     try:
         request_id = llm.submit(messages, params)
-    except ValueError as e:
+    except (ValueError, ClusterUnavailable) as e:  # a bad request, or a cluster that cannot serve now
         raise ChatError(str(e)) from None
     reply, done = "", False
     try:

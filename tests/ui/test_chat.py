@@ -107,3 +107,14 @@ def test_stream_reply_sends_the_conversation_and_streams_the_reply():
     next(stream)
     stream.close()  # the stop button
     assert llm.cancelled == [1]
+
+
+def test_a_cluster_that_cannot_serve_is_a_chat_error_not_a_traceback():
+    from cluster.api import ClusterUnavailable
+
+    class Down(FakeLLM):
+        def submit(self, messages, params):
+            raise ClusterUnavailable("the cluster is unhealthy: no node can take the actors")
+
+    with pytest.raises(ChatError, match="unhealthy"):
+        next(stream_reply(Down(), "Hi"))
