@@ -136,3 +136,18 @@ def test_rebalance_and_scaling_refuse_bad_requests(ray_local, skewed_dir):
         versions.append(llm.rebalance())
         t.join(300)
         assert llm.placement.num_actors == 3 and llm.placement.version == max(versions)
+
+
+def test_rebalance_on_an_fp8_checkpoint(ray_local, tiny_fp8_dir):
+    """FP8 experts are restaged as FP8 with their scales: outputs equal the single process."""
+    from model.generate import LocalLLM
+
+    expected_fp8 = LocalLLM(tiny_fp8_dir, dtype="float32", progress=False).generate(PROMPTS[:2], PARAMS[:2])
+    with RayMoE.start(tiny_fp8_dir, attention_shards=1, expert_actors=2, spare_slots=1, dtype="float32") as llm:
+        llm.generate(WARM, [WARM_PARAMS] * len(WARM))
+        ids = [llm.submit(p, sp) for p, sp in zip(PROMPTS[:2], PARAMS[:2], strict=True)]
+        _wait_tokens(llm, ids)
+        version = llm.rebalance()
+        results = [llm.result(i) for i in ids]
+    assert version == 1
+    assert [r.output_ids for r in results] == [r.output_ids for r in expected_fp8]
