@@ -30,7 +30,7 @@ class StepPlan:
 
 @dataclass
 class StepOutput:
-    sampled: dict[int, tuple[int, list[tuple[int, float]]]]  # seq_id -> (token, top logprobs)
+    sampled: dict[int, tuple[int, list[tuple[int, float]], float | None]]  # seq_id -> (token, top, logprob)
     load: dict[int, list[int]]  # MoE layer -> tokens per logical expert
     seconds: dict[str, float]  # per phase
     num_tokens: int = 0

@@ -247,6 +247,24 @@ class RayMoE:
             "experts": load.get("experts", []),
         }
 
+    def health(self) -> dict:
+        """``{"state": "healthy" | "recovering" | "unhealthy", "error": str | None}`` (no actor call)."""
+        return {"state": self.engine.health, "error": self.engine.health_error}
+
+    def describe(self) -> dict:
+        """What this cluster serves, for pages and APIs: the model's name, type and size figures, and
+        the layout in force."""
+        return {"model": self.model_dir.name, "model_dir": str(self.model_dir), "model_type": self.args.model_type,
+                "n_routed_experts": self.args.n_routed_experts, "max_context": self.args.max_position_embeddings,
+                "attention_shards": self.layout.attention_shards, "expert_actors": len(self.experts),
+                "has_tokenizer": self.tokenizer is not None, "started_at": self.started_at}
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's text on its own (a token that holds part of a character shows U+FFFD)."""
+        if self.tokenizer is None:
+            return [f"<{i}>" for i in ids]
+        return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
+
     def cluster_info(self) -> list[dict]:
         """Each actor: role, index, node, device and state (from Ray's state API when it is up)."""
         states = {}

@@ -260,12 +260,12 @@ def run_batch(llm, input_path: Path, output_path: Path, defaults: SamplingParams
 
 def main(args) -> int:
     from cluster.api import RayMoE
-    from cluster.cli import _layout_overrides, _model_dir, _sampling_from
+    from cluster.options import layout_overrides, model_dir, sampling_from
 
     input_path, output_path = Path(args.input), Path(args.output)
     check_paths(input_path, output_path)  # before the cluster starts
-    defaults = _sampling_from(args)
-    with RayMoE.start(_model_dir(args), args.layout, address=args.address, **_layout_overrides(args)) as llm:
+    defaults = sampling_from(args)
+    with RayMoE.start(model_dir(args), args.layout, address=args.address, **layout_overrides(args)) as llm:
         summary = run_batch(llm, input_path, output_path, defaults, progress=not args.no_progress)
     print(f"batch done: {summary['ok']} ok, {summary['failed']} failed, {summary['already_done']} already done "
           f"(skipped), {summary['retried']} retried, {summary['duplicate_ids']} duplicate ids ignored, "

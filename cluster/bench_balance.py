@@ -99,7 +99,7 @@ def run_one(path, shards: int, experts: int, spare: int, dtype: str, prompts, pa
 def main(args) -> int:
     import ray
 
-    from cluster.cli import _model_dir
+    from cluster.options import model_dir
     from model.sampling import SamplingParams
     from model.tiny import make_tiny
 
@@ -108,7 +108,7 @@ def main(args) -> int:
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     workloads = {"skewed (3 hot experts/layer)": make_tiny(Path(tempfile.mkdtemp(prefix="raymoe-skewed")) / "ckpt",
                                                            seed=3, hot_experts=3, hot_bias=1.0),
-                 f"{Path(_model_dir(args)).name} (own routing)": Path(_model_dir(args))}
+                 f"{Path(model_dir(args)).name} (own routing)": Path(model_dir(args))}
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     rows = []

@@ -18,11 +18,11 @@ def main(args) -> int:
     import ray
 
     from cluster.api import RayMoE
-    from cluster.cli import _model_dir
+    from cluster.options import model_dir
     from model.generate import LocalLLM
     from model.sampling import SamplingParams
 
-    path = _model_dir(args)
+    path = model_dir(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     layouts = [tuple(int(v) for v in lay.split("x")) for lay in (args.layouts or "1x2,2x2").split(",")]
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)

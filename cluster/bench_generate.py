@@ -31,11 +31,11 @@ def _decode_rate(run, batch: int, new_tokens: int, repeats: int) -> float:
 
 
 def main(args) -> int:
-    from cluster.cli import _model_dir
+    from cluster.options import model_dir
     from model.generate import LocalLLM
     from model.sampling import SamplingParams
 
-    path = _model_dir(args)
+    path = model_dir(args)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     llm = LocalLLM(path, dtype=dtype, progress=False)
     try:

@@ -6,24 +6,7 @@ import argparse
 import json
 import sys
 
-
-def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--logprobs", type=int, default=0, metavar="K", help="return the top K logprobs per token")
-
-
-def _sampling_from(args):
-    from model.sampling import SamplingParams
-
-    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                          max_new_tokens=args.max_new_tokens, stop=tuple(args.stop),
-                          ignore_eos=args.ignore_eos, logprobs=args.logprobs)
+from cluster.options import add_cluster_flags, add_sampling_flags, layout_overrides, model_dir, sampling_from
 
 
 def cmd_make_tiny(args) -> int:
@@ -33,28 +16,6 @@ def cmd_make_tiny(args) -> int:
                     hot_bias=args.hot_bias)
     print(f"wrote {out}")
     return 0
-
-
-def _model_dir(args):
-    if args.model:
-        return args.model
-    from model.tiny import default_checkpoint
-
-    return str(default_checkpoint())
-
-
-def _add_cluster_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", help="join this Ray cluster (default: start embedded Ray)")
-    p.add_argument("--layout", help="cluster layout YAML (default: configs/cluster/local.yaml)")
-    p.add_argument("--attention-shards", type=int)
-    p.add_argument("--expert-actors", type=int)
-    p.add_argument("--spare-slots", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda"])
-
-
-def _layout_overrides(args) -> dict:
-    return {"attention_shards": args.attention_shards, "expert_actors": args.expert_actors,
-            "spare_slots": args.spare_slots, "device": args.device, "dtype": args.dtype}
 
 
 def cmd_generate(args) -> int:
@@ -68,15 +29,15 @@ def cmd_generate(args) -> int:
             raise SystemExit(f"error: --prompt-ids takes comma-separated integers, got {ids!r}") from None
     if not prompts:
         raise SystemExit("error: give at least one --prompt TEXT or --prompt-ids 1,2,3")
-    params = _sampling_from(args)
+    params = sampling_from(args)
     if args.chat:
         prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     if args.local:
-        results = LocalLLM(_model_dir(args), dtype=args.dtype, progress=not args.json).generate(prompts, params)
+        results = LocalLLM(model_dir(args), dtype=args.dtype, progress=not args.json).generate(prompts, params)
     else:
         from cluster.api import RayMoE
 
-        with RayMoE.start(_model_dir(args), args.layout, address=args.address, **_layout_overrides(args)) as llm:
+        with RayMoE.start(model_dir(args), args.layout, address=args.address, **layout_overrides(args)) as llm:
             results = llm.generate(prompts, params)
     for r in results:
         if args.json:
@@ -102,7 +63,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from cluster.serve import main as serve_main
+    from ui.serve import main as serve_main
 
     return serve_main(args)
 
@@ -135,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template as a user turn")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
-    _add_sampling_flags(p)
-    _add_cluster_flags(p)
+    add_sampling_flags(p)
+    add_cluster_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="start the cluster and the web page (chat + cluster dashboard)")
@@ -148,8 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also open a public Gradio share link (needs --allow-remote; GRADIO_SHARE is ignored)")
     p.add_argument("--refresh", type=float, default=2.0, help="cluster tab refresh interval, seconds")
     p.add_argument("--max-sessions", type=int, default=64, help="chat requests served at once")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $RAYMOE_API_KEY; unset: no key)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id of the OpenAI API (default: the checkpoint folder's name)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
-    _add_cluster_flags(p)
+    add_cluster_flags(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("batch", help="generate for a JSON-lines file (resumable; works as a Ray job)")
@@ -158,8 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--no-progress", action="store_true")
-    _add_sampling_flags(p)
-    _add_cluster_flags(p)
+    add_sampling_flags(p)
+    add_cluster_flags(p)
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")

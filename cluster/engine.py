@@ -347,19 +347,19 @@ class Engine:
         for out in outputs:
             for layer, counts in out.load.items():
                 load[layer] = [a + b for a, b in zip(load.get(layer, [0] * len(counts)), counts, strict=True)]
-            sampled += [(self.requests.get(seq_id), token, top) for seq_id, (token, top) in out.sampled.items()]
-        sampled = [(req, token, top) for req, token, top in sampled if req is not None and not req.seq.finished]
+            sampled += [(self.requests.get(seq_id), *picked) for seq_id, picked in out.sampled.items()]
+        sampled = [(req, token, top, lp) for req, token, top, lp in sampled if req is not None and not req.seq.finished]
         # figures first, so that a reader woken by the events below sees them
         self.totals["steps"] += 1
         self.totals["tokens_generated"] += len(sampled)
         self.totals["tokens_computed"] += sum(o.num_tokens for o in outputs)
         self.recent.append((now, len(sampled)))
-        for req, token, top in sampled:
+        for req, token, top, lp in sampled:
             if req.first_token_at is None:
                 req.first_token_at = now
                 self.ttft.append(now - req.submitted)
                 self._new_ttft.append(now - req.submitted)
-            piece = req.seq.append(token, top)
+            piece = req.seq.append(token, top, lp)
             self.scheduler.appended(req.seq.seq_id)
             req.events.put(StreamEvent(piece, [token]))
             if req.seq.finished:

@@ -57,8 +57,8 @@ class LocalLLM:
             for (s, _, b), row in zip(batch, logits, strict=True):
                 if b < len(s):  # a prefill chunk that does not reach the end of the prompt
                     continue
-                token, top = sample(row, s.params, position_generator(s.params, b, self.device))
-                piece = s.append(token, top)
+                token, top, logprob = sample(row, s.params, position_generator(s.params, b, self.device))
+                piece = s.append(token, top, logprob)
                 if on_token is not None:
                     on_token(s.seq_id, piece)
                 if s.finished:

@@ -107,17 +107,21 @@ def position_generator(params: SamplingParams, position: int,
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
-    """One token from ``logits`` [vocab] (float32). Returns ``(token_id, top)`` where ``top`` is the
-    list of ``params.logprobs`` ``(token_id, logprob)`` pairs, best first, from the unmodified
-    log-softmax of ``logits``."""
+    """One token from ``logits`` [vocab] (float32). Returns ``(token_id, top, logprob)``: ``top`` is
+    the list of ``params.logprobs`` ``(token_id, logprob)`` pairs, best first, and ``logprob`` that of
+    the token picked (``None`` when ``params.logprobs`` is 0), both from the unmodified log-softmax."""
     logits = logits.float()
-    top: list[tuple[int, float]] = []
-    if params.logprobs:
-        lp = torch.log_softmax(logits, dim=-1)
-        vals, idx = lp.topk(min(params.logprobs, lp.numel()))
-        top = list(zip(idx.tolist(), vals.tolist(), strict=True))
+    token = _pick(logits, params, generator)
+    if not params.logprobs:
+        return token, [], None
+    lp = torch.log_softmax(logits, dim=-1)
+    vals, idx = lp.topk(min(params.logprobs, lp.numel()))
+    return token, list(zip(idx.tolist(), vals.tolist(), strict=True)), float(lp[token])
+
+
+def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     if params.greedy:
-        return int(logits.argmax()), top
+        return int(logits.argmax())
     scaled = logits / params.temperature
     if params.top_k and params.top_k < scaled.numel():
         kth = scaled.topk(params.top_k).values[-1]
@@ -129,4 +133,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         drop = cum - sorted_p > params.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator)), top
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -20,12 +20,14 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS, stop token or stop string), "length", "cancelled" or "error"
     top_logprobs: list[list[list[float]]] = field(default_factory=list)  # per position: [[id, logprob], ...]
     error: str | None = None
+    token_logprobs: list[float] = field(default_factory=list)  # per position: the picked token's logprob
 
     def to_json(self) -> dict:
         out = {"output_ids": self.output_ids, "text": self.text, "finish_reason": self.finish_reason,
                "prompt_tokens": len(self.prompt_ids), "completion_tokens": len(self.output_ids)}
         if self.top_logprobs:
             out["top_logprobs"] = self.top_logprobs
+            out["token_logprobs"] = self.token_logprobs
         if self.error:
             out["error"] = self.error
         return out
@@ -49,6 +51,7 @@ class Sequence:
         self.seq_id, self.prompt_ids, self.params = seq_id, list(prompt_ids), params
         self.output_ids: list[int] = []
         self.top_logprobs: list[list[list[float]]] = []
+        self.token_logprobs: list[float] = []
         self.max_new = min(params.max_new_tokens, max_len - len(prompt_ids))
         self.stop_ids = set(params.stop_token_ids)
         if eos_token_id is not None and not params.ignore_eos:
@@ -70,11 +73,14 @@ class Sequence:
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    def append(self, token_id: int, top: list[tuple[int, float]] | None = None) -> str:
-        """Record a sampled token; returns the text now safe to stream (maybe empty)."""
+    def append(self, token_id: int, top: list[tuple[int, float]] | None = None, logprob: float | None = None) -> str:
+        """Record a sampled token (with its top alternatives and its own logprob when asked for);
+        returns the text now safe to stream (maybe empty)."""
         self.output_ids.append(token_id)
         if top:
             self.top_logprobs.append([[i, lp] for i, lp in top])
+        if logprob is not None:
+            self.token_logprobs.append(logprob)
         if token_id in self.stop_ids:
             self.finish_reason = "stop"
         elif self.detok is not None:
@@ -95,4 +101,4 @@ class Sequence:
 
     def result(self) -> GenerationResult:
         return GenerationResult(self.prompt_ids, self.output_ids, self.text, self.finish_reason or "length",
-                                self.top_logprobs)
+                                self.top_logprobs, token_logprobs=self.token_logprobs)

@@ -38,9 +38,10 @@ def build_app(llm, refresh_s: float = 2.0) -> gr.Blocks:
                 expert_bars_html(stats), load_heatmap_html(stats["expert_load"]))
 
     with gr.Blocks(title="raymoe", analytics_enabled=False) as app:
-        gr.Markdown(f"## raymoe &nbsp; <small>{llm.model_dir.name}: {llm.args.model_type}, "
-                    f"{llm.args.n_routed_experts} experts, {llm.layout.attention_shards} attention shard(s) x "
-                    f"{llm.layout.expert_actors} expert actor(s)</small>")
+        info = llm.describe()
+        gr.Markdown(f"## raymoe &nbsp; <small>{info['model']}: {info['model_type']}, "
+                    f"{info['n_routed_experts']} experts, {info['attention_shards']} attention shard(s) x "
+                    f"{info['expert_actors']} expert actor(s)</small>")
         with gr.Tab("Chat"):
             chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="raymoe-chatbot")
             with gr.Row():

@@ -70,19 +70,32 @@ def conversation(message: str, history: list | None = None, system_prompt: str |
         raise ChatError("Type a message first.")
     system_prompt = _text("" if system_prompt is None else system_prompt, "the system prompt")
     history = [] if history is None else history
-    if not isinstance(history, list):
-        raise ChatError(f"history must be a list of {{role, content}} messages, got {_kind(history)}")
-    if len(history) > MAX_HISTORY:
-        raise ChatError(f"history has {len(history):,} messages; the limit is {MAX_HISTORY:,}: "
-                        "start a new conversation")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
-    for i, m in enumerate(history):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ChatError(f"history[{i}] must be an object with 'role' and 'content', got {_kind(m)}")
-        if not isinstance(m["role"], str) or m["role"] not in ROLES:
-            raise ChatError(f"history[{i}].role must be 'user', 'assistant' or 'system', got {_kind(m['role'])}")
-        messages.append({"role": m["role"], "content": _content(m["content"], f"history[{i}].content")})
+    messages += check_messages(history, "history")
     messages.append({"role": "user", "content": message})
+    return _check_total(messages)
+
+
+def check_messages(messages: list, where: str = "messages") -> list[dict]:
+    """``{role, content}`` messages with their content as text (``developer`` counts as ``system``);
+    anything else raises ``ChatError`` naming the place."""
+    if not isinstance(messages, list):
+        raise ChatError(f"{where} must be a list of {{role, content}} messages, got {_kind(messages)}")
+    if len(messages) > MAX_HISTORY:
+        raise ChatError(f"{where} has {len(messages):,} messages; the limit is {MAX_HISTORY:,}: "
+                        "start a new conversation")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ChatError(f"{where}[{i}] must be an object with 'role' and 'content', got {_kind(m)}")
+        role = "system" if m["role"] == "developer" else m["role"]
+        if not isinstance(role, str) or role not in ROLES:
+            raise ChatError(f"{where}[{i}].role must be 'user', 'assistant' or 'system', got {_kind(m['role'])}")
+        out.append({"role": role, "content": _content(m["content"], f"{where}[{i}].content")})
+    return _check_total(out)
+
+
+def _check_total(messages: list[dict]) -> list[dict]:
     total = sum(len(m["content"]) for m in messages)
     if total > MAX_CHARS:
         raise ChatError(f"the conversation is {total:,} characters long; the limit is {MAX_CHARS:,}: "

@@ -45,6 +45,18 @@ def test_logprobs_are_log_softmax_of_logits(tiny_llm):
         assert out.output_ids[k] == top[0][0]
 
 
+def test_picked_token_logprob_when_sampling(tiny_llm):
+    from tests.helpers import full_logits
+
+    prompt = tiny_llm.encode("tokens")
+    out = tiny_llm.generate([prompt], SamplingParams(temperature=1.5, seed=3, max_new_tokens=6, ignore_eos=True,
+                                                     logprobs=1))[0]
+    logits = full_logits(tiny_llm.model, [prompt + out.output_ids])[0]
+    assert len(out.token_logprobs) == len(out.output_ids) == 6
+    for k, (token, got) in enumerate(zip(out.output_ids, out.token_logprobs, strict=True)):
+        assert abs(got - float(torch.log_softmax(logits[len(prompt) - 1 + k], -1)[token])) < 1e-4
+
+
 def test_seeded_sampling_is_reproducible_and_varies(tiny_llm):
     p = dict(temperature=1.0, top_p=0.95, top_k=50, max_new_tokens=12, ignore_eos=True)
     a = tiny_llm.generate(["Hello"], SamplingParams(seed=7, **p))[0].output_ids

@@ -18,7 +18,7 @@ def served(tiny_dir):
     import ray
 
     from cluster.api import RayMoE
-    from ui.app import build_app
+    from ui.serve import start_server
 
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
@@ -28,10 +28,9 @@ def served(tiny_dir):
     ray.init(num_cpus=8, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
              _metrics_export_port=metrics_port, _temp_dir=tempfile.mkdtemp(prefix="rmu", dir="/tmp"))
     llm = RayMoE.start(tiny_dir, attention_shards=1, expert_actors=2, dtype="float32")
-    app = build_app(llm, refresh_s=1.0)
-    app.queue(default_concurrency_limit=16)
     port = free_port()
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app = start_server(llm, dict(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True),
+                       refresh_s=1.0, max_sessions=16, api_key="test-key")
     yield {"llm": llm, "url": f"http://127.0.0.1:{port}/", "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     app.close()
     llm.shutdown()

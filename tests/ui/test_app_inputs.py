@@ -92,7 +92,7 @@ def test_serve_takes_no_share_link_or_analytics_from_the_environment(monkeypatch
     import gradio as gr
 
     import cluster.api
-    from cluster import serve
+    from ui import serve
 
     monkeypatch.setenv("GRADIO_SHARE", "True")
     monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")

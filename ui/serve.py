@@ -1,7 +1,8 @@
-"""``raymoe serve``: the cluster and its web page, until Ctrl-C."""
+"""``raymoe serve``: the cluster, its web page and the OpenAI-compatible API on one port, until Ctrl-C."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -18,26 +19,42 @@ def launch_options(args) -> dict:
                 show_error=True)
 
 
+def start_server(llm, launch: dict, refresh_s: float = 2.0, max_sessions: int = 64, api_key: str | None = None,
+                 model_name: str | None = None):
+    """The Gradio page with the OpenAI-compatible routes in front of it, in one server; returns the
+    launched ``Blocks`` (``close()`` stops it)."""
+    from ui.app import build_app
+    from ui.openai_api import openai_routes
+
+    app = build_app(llm, refresh_s=refresh_s)
+    app.queue(default_concurrency_limit=max_sessions)
+    app.launch(**launch, app_kwargs={"routes": openai_routes(llm, model_name=model_name, api_key=api_key)})
+    return app
+
+
 def main(args) -> int:
     from cluster.api import RayMoE
-    from cluster.cli import _layout_overrides, _model_dir
-    from ui.app import build_app
+    from cluster.options import layout_overrides, model_dir
 
     if args.host not in LOOPBACK and not args.allow_remote:
         raise ValueError(f"--host {args.host} exposes the page beyond this machine; add --allow-remote to mean it")
     if args.share and not args.allow_remote:
         raise ValueError("--share opens a public link to the page; add --allow-remote to mean it")
+    api_key = args.api_key or os.environ.get("RAYMOE_API_KEY") or None
     print("starting the cluster ...", flush=True)
-    llm = RayMoE.start(_model_dir(args), args.layout, address=args.address, need_tokenizer=True,
-                       **_layout_overrides(args))
+    llm = RayMoE.start(model_dir(args), args.layout, address=args.address, need_tokenizer=True,
+                       **layout_overrides(args))
     stop = threading.Event()
     try:
-        app = build_app(llm, refresh_s=args.refresh)
-        app.queue(default_concurrency_limit=args.max_sessions)
-        app.launch(**launch_options(args))
-        print(f"raymoe is serving {llm.model_dir.name} on {llm.layout.attention_shards} attention shard(s) x "
-              f"{llm.layout.expert_actors} expert actor(s)")
+        app = start_server(llm, launch_options(args), args.refresh, args.max_sessions, api_key,
+                           args.served_model_name)
+        info = llm.describe()
+        name = args.served_model_name or info["model"]
+        print(f"raymoe is serving {name} on {info['attention_shards']} attention shard(s) x "
+              f"{info['expert_actors']} expert actor(s)")
         print(f"  chat and cluster page: {app.local_url}")
+        print(f"  OpenAI API:            {app.local_url.rstrip('/')}/v1 (model '{name}', "
+              f"{'key required' if api_key else 'no key: as open as the page'})")
         if app.share_url:
             print(f"  public share link:     {app.share_url}")
         print(f"  Ray dashboard:         {llm.dashboard_url or 'not started by raymoe (joined cluster)'}")

@@ -1,0 +1,398 @@
+"""An OpenAI-compatible HTTP API over the cluster's public API, served beside the Gradio page.
+
+Routes: ``GET /health``, ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
+``POST /v1/completions``. Bodies are parsed and checked here (not by pydantic), so that every bad
+value gets OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}`` with status 400,
+a missing or wrong key 401, an unknown model 404, a cluster that cannot serve 503.
+
+Semantics, where OpenAI leaves room:
+- ``max_tokens`` / ``max_completion_tokens`` default to the rest of the model's context;
+- ``n`` > 1 with a ``seed`` gives choice ``i`` the seed ``seed + i`` (so the choices differ);
+- ``top_k`` is an extension (0 or -1: off); ``logprobs`` on ``/v1/completions`` takes 0..20;
+- a client that goes away (a closed stream, a dropped connection) cancels its requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from cluster.api import ClusterUnavailable, SamplingParams
+from ui.chat import ChatError, check_messages
+
+MAX_N = 16
+MAX_STOP = 16
+MAX_LOGPROBS = 20
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
+
+
+def _bad(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def _get(body: dict, key: str, kind, default=None, *, lo=None, hi=None, nullable: bool = True):
+    """``body[key]`` checked for type (``int``, ``float``, ``bool``, ``str``) and range."""
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        name = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}[kind]
+        raise _bad(key, f"'{key}' must be {name}, got {json.dumps(value)[:40]}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise _bad(key, f"'{key}' must be in {lo}..{hi}, got {value}")
+    return kind(value) if kind is float else value
+
+
+class OpenAIServer:
+    def __init__(self, llm, model_name: str | None = None, api_key: str | None = None):
+        self.llm, self.api_key = llm, api_key or None
+        info = llm.describe()
+        self.model_name = model_name or info["model"]
+        self.max_context = info["max_context"]
+        self.created = int(info["started_at"])
+
+    # plumbing
+    def _auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def _body(self, request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise APIError(400, "The request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "The request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str):
+            raise _bad("model", "'model' is required: a string naming the model (see GET /v1/models)")
+        if model != self.model_name:
+            raise APIError(404, f"The model '{model[:100]}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")
+        return body
+
+    def _check_serving(self) -> None:
+        health = self.llm.health()
+        if health["state"] == "unhealthy":
+            raise APIError(503, f"The cluster cannot serve now: {health['error']}", type_="service_unavailable",
+                           code="cluster_unhealthy")
+
+    def _params(self, body: dict, prompt_len: int, chat: bool) -> tuple[list[SamplingParams], int, bool]:
+        """Sampling parameters for each of the ``n`` choices, the number of top logprobs, and whether
+        logprobs were asked for."""
+        for key in ("presence_penalty", "frequency_penalty"):
+            if _get(body, key, float, 0.0, lo=-2, hi=2) != 0:
+                raise _bad(key, f"'{key}' is not supported by this server; leave it at 0")
+        if body.get("best_of") not in (None, 1) or body.get("echo") or body.get("suffix"):
+            key = next(k for k in ("best_of", "echo", "suffix") if body.get(k) not in (None, 1, False, ""))
+            raise _bad(key, f"'{key}' is not supported by this server")
+        room = self.max_context - prompt_len
+        if room < 1:
+            raise _bad("messages" if chat else "prompt",
+                       f"The prompt is {prompt_len} tokens long; the model's context is {self.max_context}")
+        keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+        max_tokens = None
+        for key in keys:
+            max_tokens = _get(body, key, int, None, lo=1) if max_tokens is None else max_tokens
+        if max_tokens is not None and max_tokens > room:
+            raise _bad(keys[-1], f"max_tokens {max_tokens} + the prompt's {prompt_len} tokens exceed the model's "
+                                 f"context of {self.max_context}; ask for at most {room}")
+        temperature = _get(body, "temperature", float, 1.0, lo=0, hi=2)
+        top_p = _get(body, "top_p", float, 1.0, lo=0, hi=1)
+        if top_p == 0:
+            raise _bad("top_p", "'top_p' must be > 0")
+        top_k = _get(body, "top_k", int, 0, lo=-1)
+        seed = _get(body, "seed", int, None, lo=-(2**63), hi=2**64 - 1)
+        n = _get(body, "n", int, 1, lo=1, hi=MAX_N)
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+            raise _bad("stop", f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them")
+        if chat:
+            want = _get(body, "logprobs", bool, False)
+            top = _get(body, "top_logprobs", int, 0, lo=0, hi=MAX_LOGPROBS)
+            if top and not want:
+                raise _bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        else:
+            top = _get(body, "logprobs", int, None, lo=0, hi=MAX_LOGPROBS)
+            want, top = top is not None, top or 0
+        if seed is not None and seed < 0:
+            seed += 2**64
+        params = []
+        for i in range(n):
+            s = None if seed is None else (seed + i) % 2**64
+            try:
+                params.append(SamplingParams(temperature=temperature, top_p=top_p, top_k=max(top_k, 0), seed=s,
+                                             max_new_tokens=max_tokens or room, stop=tuple(stop),
+                                             logprobs=max(top, 1) if want else 0))
+            except ValueError as e:
+                raise APIError(400, str(e)) from None
+        return params, top, want
+
+    def _submit(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[int]:
+        ids = []
+        try:
+            for p in params:
+                ids.append(self.llm.submit(prompt_ids, p))
+        except ClusterUnavailable as e:
+            for i in ids:
+                self.llm.cancel(i)
+            raise APIError(503, str(e), type_="service_unavailable", code="cluster_unhealthy") from None
+        except ValueError as e:
+            for i in ids:
+                self.llm.cancel(i)
+            raise APIError(400, str(e)) from None
+        return ids
+
+    def _events(self, ids: list[int]) -> tuple[asyncio.Queue, list[threading.Thread]]:
+        """Each request's stream read in a thread, its events put on one queue as (choice, event)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def pump(index: int, request_id: int):
+            try:
+                for ev in self.llm.stream(request_id):
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, ev))
+            except Exception as e:  # noqa: BLE001 - reported to the client as this choice's error
+                loop.call_soon_threadsafe(queue.put_nowait, (index, e))
+
+        threads = [threading.Thread(target=pump, args=(i, r), daemon=True, name=f"openai-stream-{r}")
+                   for i, r in enumerate(ids)]
+        for t in threads:
+            t.start()
+        return queue, threads
+
+    def _logprobs(self, result, top: int, chat: bool, offset0: int = 0):
+        ids = result.output_ids[:len(result.token_logprobs)]
+        texts = self.llm.token_texts(ids)
+        alts = [[(self.llm.token_texts([int(i)])[0], lp) for i, lp in alt[:top]] for alt in result.top_logprobs]
+        if chat:
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", "replace")),
+                                 "top_logprobs": [{"token": at, "logprob": alp, "bytes": list(at.encode("utf-8",
+                                                                                                     "replace"))}
+                                                  for at, alp in alts[k]] if k < len(alts) else []}
+                                for k, (t, lp) in enumerate(zip(texts, result.token_logprobs, strict=True))]}
+        offsets, pos = [], offset0
+        for t in texts:
+            offsets.append(pos)
+            pos += len(t)
+        return {"tokens": texts, "token_logprobs": list(result.token_logprobs),
+                "top_logprobs": [dict(a) for a in alts] if top else None, "text_offset": offsets}
+
+    @staticmethod
+    def _finish_reason(result) -> str:
+        if result.error:
+            raise APIError(500, f"The request failed in the cluster: {result.error}", type_="server_error")
+        return "length" if result.finish_reason == "length" else "stop"
+
+    # routes
+    async def health(self, request: Request):
+        h = self.llm.health()
+        return JSONResponse({"status": h["state"], "error": h["error"]},
+                            status_code=503 if h["state"] == "unhealthy" else 200)
+
+    async def models(self, request: Request):
+        try:
+            self._auth(request)
+        except APIError as e:
+            return e.response()
+        return JSONResponse({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: Request, model: str):
+        try:
+            self._auth(request)
+            if model != self.model_name:
+                raise APIError(404, f"The model '{model[:100]}' does not exist", param="model",
+                               code="model_not_found")
+        except APIError as e:
+            return e.response()
+        return JSONResponse(self._model_card())
+
+    def _model_card(self) -> dict:
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "raymoe",
+                "max_model_len": self.max_context}
+
+    async def chat_completions(self, request: Request):
+        return await self._complete(request, chat=True)
+
+    async def completions(self, request: Request):
+        return await self._complete(request, chat=False)
+
+    async def _complete(self, request: Request, chat: bool):
+        try:
+            self._auth(request)
+            body = await self._body(request)
+            self._check_serving()
+            if chat:
+                if "messages" not in body:
+                    raise _bad("messages", "'messages' is required: a list of {role, content} messages")
+                try:
+                    prompt = check_messages(body["messages"], "messages")
+                except ChatError as e:
+                    raise _bad("messages", str(e)) from None
+                if not prompt:
+                    raise _bad("messages", "'messages' must hold at least one message")
+            else:
+                prompt = body.get("prompt")
+                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                    prompt = prompt[0]
+                if not isinstance(prompt, str) and not (isinstance(prompt, list) and prompt and all(
+                        isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+                    raise _bad("prompt", "'prompt' must be a string (or one list of token ids); "
+                                         "send several prompts as several requests")
+            try:
+                prompt_ids = self.llm.encode(prompt)
+            except ValueError as e:
+                raise _bad("messages" if chat else "prompt", str(e)) from None
+            params, top, want = self._params(body, len(prompt_ids), chat)
+            stream = _get(body, "stream", bool, False)
+            options = body.get("stream_options") or {}
+            if not isinstance(options, dict):
+                raise _bad("stream_options", "'stream_options' must be an object")
+            usage = _get(options, "include_usage", bool, False)
+            ids = self._submit(prompt_ids, params)
+        except APIError as e:
+            return e.response()
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        if stream:
+            return StreamingResponse(self._sse(rid, ids, len(prompt_ids), chat, top, want, usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await self._whole(request, rid, ids, len(prompt_ids), chat, top, want)
+
+    async def _whole(self, request: Request, rid: str, ids: list[int], prompt_len: int, chat: bool, top: int,
+                     want: bool):
+        queue, _ = self._events(ids)
+        results = [None] * len(ids)
+        try:
+            while any(r is None for r in results):
+                try:
+                    index, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except TimeoutError:
+                    if await request.is_disconnected():  # the client went away: cancel (finally, below)
+                        return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled",
+                                                       "param": None, "code": None}}, status_code=499)
+                    continue
+                if isinstance(ev, Exception):
+                    raise APIError(500, f"The request failed in the cluster: {ev}", type_="server_error")
+                if ev.finished:
+                    results[index] = ev.result
+            choices = []
+            for i, r in enumerate(results):
+                choice = {"index": i, "finish_reason": self._finish_reason(r),
+                          "logprobs": self._logprobs(r, top, chat) if want else None}
+                if chat:
+                    choice["message"] = {"role": "assistant", "content": r.text}
+                else:
+                    choice["text"] = r.text
+                choices.append(choice)
+        except APIError as e:
+            return e.response()
+        finally:
+            for i, r in zip(ids, results, strict=True):
+                if r is None:
+                    self.llm.cancel(i)
+        completion = sum(len(r.output_ids) for r in results)
+        return JSONResponse({"id": rid, "object": "chat.completion" if chat else "text_completion",
+                             "created": int(time.time()), "model": self.model_name, "choices": choices,
+                             "usage": {"prompt_tokens": prompt_len, "completion_tokens": completion,
+                                       "total_tokens": prompt_len + completion}})
+
+    async def _sse(self, rid: str, ids: list[int], prompt_len: int, chat: bool, top: int, want: bool,
+                   usage: bool) -> AsyncIterator[str]:
+        """Server-sent events: per choice a first chunk with the role (chat), text chunks, a last chunk
+        with ``finish_reason``; then the usage chunk when asked for, and ``data: [DONE]``. A client
+        that goes away closes this generator, which cancels the requests still running."""
+        created, done = int(time.time()), [False] * len(ids)
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(index, text=None, finish=None, logprobs=None, role=False):
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            body = {"id": rid, "object": kind, "created": created, "model": self.model_name, "choices": [choice]}
+            if usage:
+                body["usage"] = None
+            return f"data: {json.dumps(body)}\n\n"
+
+        queue, _ = self._events(ids)
+        texts = [""] * len(ids)
+        completion = 0
+        try:
+            if chat:
+                for i in range(len(ids)):
+                    yield chunk(i, role=True)
+            while not all(done):
+                index, ev = await queue.get()
+                if isinstance(ev, Exception):
+                    yield f"data: {json.dumps({'error': {'message': str(ev), 'type': 'server_error'}})}\n\n"
+                    return
+                if ev.finished:
+                    done[index] = True
+                    r = ev.result
+                    completion += len(r.output_ids)
+                    if r.error:
+                        err = {"message": f"The request failed in the cluster: {r.error}", "type": "server_error"}
+                        yield f"data: {json.dumps({'error': err})}\n\n"
+                        return
+                    logprobs = self._logprobs(r, top, chat) if want else None
+                    if ev.text:
+                        texts[index] += ev.text
+                    # the last piece of text goes with the finish reason; logprobs of the whole choice
+                    yield chunk(index, ev.text, "length" if r.finish_reason == "length" else "stop", logprobs)
+                elif ev.text:
+                    texts[index] += ev.text
+                    yield chunk(index, ev.text)
+            if usage:
+                yield f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': self.model_name, 'choices': [], 'usage': {'prompt_tokens': prompt_len, 'completion_tokens': completion, 'total_tokens': prompt_len + completion}})}\n\n"  # noqa: E501
+            yield "data: [DONE]\n\n"
+        finally:
+            for i, d in zip(ids, done, strict=True):
+                if not d:
+                    self.llm.cancel(i)
+
+
+def openai_routes(llm, model_name: str | None = None, api_key: str | None = None) -> list:
+    """The API's routes, to put in front of the page's (``app_kwargs={"routes": ...}`` of
+    ``Blocks.launch``)."""
+    server = OpenAIServer(llm, model_name, api_key)
+    router = APIRouter()
+    router.add_api_route("/health", server.health, methods=["GET"])
+    router.add_api_route("/v1/models", server.models, methods=["GET"])
+    router.add_api_route("/v1/models/{model:path}", server.model, methods=["GET"])
+    router.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    router.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    return router.routes
