@@ -53,7 +53,7 @@ class AttentionShard:
         return True
 
     def set_placement(self, placement: Placement) -> int:
-        table = RoutingTable(placement, self.info.num_attention)
+        table = RoutingTable(placement, self.info.num_attention, self.device)
         self.dispatcher = Dispatcher(self.info, self.group, table, self.args.n_routed_experts, self.timer)
         return placement.version
 

@@ -52,6 +52,10 @@ class ExpertBank:
         """Read the experts ``logical[slot]`` of MoE layer ``layer_id`` (``None``: an empty spare slot)."""
         return cls.empty(len(logical), args, dtype, device).restaged(reader, layer_id, logical)[0]
 
+    @property
+    def device(self) -> torch.device:
+        return self.weights["gate_proj"].device
+
     def restaged(self, reader, layer_id: int, logical: list[int | None]) -> tuple[ExpertBank, int]:
         """A new bank whose slots hold ``logical`` (its length may differ from this bank's): experts
         this bank holds are copied, the others are read from the checkpoint (only their tensors).
@@ -61,7 +65,7 @@ class ExpertBank:
         missing = sorted({e for e in logical if e is not None and e not in here})
         names = [f"model.layers.{layer_id}.mlp.experts.{e}.{p}.{kind}" for e in missing for p in self.PROJ
                  for kind in (("weight", "weight_scale_inv") if self.fp8 else ("weight",))]
-        read = reader.read(names, device=self.weights["gate_proj"].device)
+        read = reader.read(names, device=self.device)
         n = len(logical)
         weights = {p: w.new_zeros((n, *w.shape[1:])) for p, w in self.weights.items()}
         scales = {p: s.new_zeros((n, *s.shape[1:])) for p, s in self.scales.items()} if self.fp8 else None

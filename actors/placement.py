@@ -67,24 +67,25 @@ class Placement:
 class RoutingTable:
     """The attention side's view of a placement: picks a physical replica for each routed token."""
 
-    def __init__(self, placement: Placement, first_expert_rank: int):
+    def __init__(self, placement: Placement, first_expert_rank: int, device: str | torch.device = "cpu"):
         self.version = placement.version
         self.tensors = {}
         for layer, table in placement.layers.items():
             width = max(len(r) for r in table)
-            count = torch.tensor([len(r) for r in table])
-            rank = torch.tensor([[first_expert_rank + a for a, _ in r] + [0] * (width - len(r)) for r in table])
-            slot = torch.tensor([[s for _, s in r] + [0] * (width - len(r)) for r in table])
+            count = torch.tensor([len(r) for r in table], device=device)
+            rank = torch.tensor([[first_expert_rank + a for a, _ in r] + [0] * (width - len(r)) for r in table],
+                                device=device)
+            slot = torch.tensor([[s for _, s in r] + [0] * (width - len(r)) for r in table], device=device)
             self.tensors[layer] = (count, rank, slot)
 
     def choose(self, layer: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``indices`` [T, top_k] logical -> (destination rank, slot), both [T * top_k]; the copies
         of a replicated expert take its tokens in turn."""
         count, rank, slot = self.tensors[layer]
-        flat = indices.flatten().cpu()
+        flat = indices.flatten().to(count.device)
         # the n-th token routed to expert e goes to copy n % copies(e)
         order, _, offsets = sort_by_expert(flat[:, None], count.numel())
         ordinal = torch.empty_like(flat)
-        ordinal[order] = torch.arange(flat.numel()) - offsets[flat[order]]
+        ordinal[order] = torch.arange(flat.numel(), device=flat.device) - offsets[flat[order]]
         which = ordinal % count[flat]
         return rank[flat, which], slot[flat, which]
