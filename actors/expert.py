@@ -42,6 +42,7 @@ class ExpertGroup:
         self.rows_total = 0
         self.rows_per_slot = {layer: [0] * bank.num_slots for layer, bank in self.banks.items()}
         self._staged: tuple[int, dict[int, ExpertBank], dict] | None = None  # version, banks, figures
+        self._stage_error: str | None = None
         self._staging: threading.Thread | None = None
 
     def address(self) -> tuple[str, int]:
@@ -73,12 +74,18 @@ class ExpertGroup:
         index = self.actor_index if actor_index is None else actor_index
         if self._staging is not None:
             self._staging.join()
-        self._staged = None
+        self._staged, self._stage_error = None, None
         self._staging = threading.Thread(target=self._stage, args=(placement, index), daemon=True,
                                          name=f"stage-v{placement.version}")
         self._staging.start()
 
     def _stage(self, placement: Placement, index: int) -> None:
+        try:
+            self._stage_banks(placement, index)
+        except Exception as e:  # noqa: BLE001 - reported in the next step's output; the change is aborted
+            self._stage_error = f"{type(e).__name__}: {e}"
+
+    def _stage_banks(self, placement: Placement, index: int) -> None:
         t0 = time.perf_counter()
         banks, read = {}, 0
         with torch.inference_mode():
@@ -112,7 +119,8 @@ class ExpertGroup:
             self.rows_per_slot[layer] = [a + b for a, b in zip(self.rows_per_slot[layer], per_slot, strict=True)]
             rows.append(sum(per_slot))
         self.rows_total += sum(rows)
-        return ExpertStepOutput(rows, dict(self.timer.seconds), self.version, self.staged_version(), self.rows_total)
+        return ExpertStepOutput(rows, dict(self.timer.seconds), self.version, self.staged_version(), self.rows_total,
+                                self._stage_error)
 
 
 @ray.remote

@@ -43,3 +43,4 @@ class ExpertStepOutput:
     version: int = 0  # the placement version this step served
     staged_version: int | None = None  # a placement whose weights are loaded and ready to switch to
     rows_total: int = 0  # rows computed since the actor started
+    stage_error: str | None = None  # staging the last prepared placement failed

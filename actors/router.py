@@ -78,10 +78,14 @@ class PlanResult:
 
 
 class Router:
-    def __init__(self, placement: Placement, n_experts: int, window: int = 64):
+    def __init__(self, placement: Placement, n_experts: int, window: int = 64, n_group: int | None = None):
+        """``window``: steps of load kept; ``n_group``: the checkpoint's expert groups, kept on one node
+        when the expert actors span several nodes."""
         self.placement = placement
         self.n_experts = n_experts
         self.window = window
+        self.n_group = n_group if n_group and n_group > 1 and n_experts % n_group == 0 else None
+        self.actor_nodes: list[str] | None = None  # the node of each expert actor
         self.history: deque[dict[int, list[int]]] = deque(maxlen=window)
         self.total = {layer: [0] * n_experts for layer in placement.layers}
         self.actor_rows: deque[list[int]] = deque(maxlen=window)  # per step: rows per expert actor
@@ -99,9 +103,15 @@ class Router:
         self.actor_rows.append(rows)
         self.actor_rows_total = list(totals)
 
-    def window_load(self) -> dict[int, list[int]]:
+    def set_actor_nodes(self, nodes: list[str]) -> None:
+        """The Ray node of each expert actor (for planning by node)."""
+        self.actor_nodes = list(nodes)
+
+    def window_load(self, steps: int | None = None) -> dict[int, list[int]]:
+        """Tokens per (MoE layer, logical expert) over the last ``steps`` steps (default: all kept)."""
         window = {layer: torch.zeros(self.n_experts, dtype=torch.long) for layer in self.total}
-        for step in self.history:
+        history = list(self.history)[-steps:] if steps else self.history
+        for step in history:
             for layer, counts in step.items():
                 window[layer] += torch.tensor(counts)
         return {k: v.tolist() for k, v in window.items()}
@@ -131,13 +141,21 @@ class Router:
                 "rebalance_seconds": self.rebalance_seconds}
 
     def plan(self, force: bool = False, min_gain: float = 0.0, num_actors: int | None = None,
-             slots_per_actor: int | None = None) -> PlanResult:
-        """A new placement for the load window. Without ``force`` (or with the same actors), a plan
-        that does not lower the worst layer's predicted max/mean by ``min_gain`` is not proposed."""
-        load = self.window_load()
+             slots_per_actor: int | None = None, window_steps: int | None = None) -> PlanResult:
+        """A new placement for the load of the last ``window_steps`` steps (default: the whole
+        window). Without ``force`` (or with the same actors), a plan that does not lower the worst
+        layer's predicted max/mean by ``min_gain`` is not proposed. When the expert actors span
+        several nodes, the checkpoint's expert groups are kept on one node (hierarchical planning)."""
+        load = self.window_load(window_steps)
         if not any(sum(v) for v in load.values()):
             load = {layer: [1] * self.n_experts for layer in load}  # no traffic yet: balance the counts
-        new, report = plan_placement(load, self.placement, num_actors, slots_per_actor)
+        n = self.placement.num_actors if num_actors is None else num_actors
+        actor_node = None
+        if self.actor_nodes is not None and len(set(self.actor_nodes)) > 1 and n == len(self.actor_nodes):
+            ids = {node: k for k, node in enumerate(dict.fromkeys(self.actor_nodes))}
+            actor_node = [ids[node] for node in self.actor_nodes]
+        new, report = plan_placement(load, self.placement, num_actors, slots_per_actor, actor_node,
+                                     self.n_group if actor_node else None)
         before = max(report.before.values(), default=1.0)
         after = max(report.after.values(), default=1.0)
         rescale = new.num_actors != self.placement.num_actors or new.slots_per_actor != self.placement.slots_per_actor
@@ -167,8 +185,8 @@ class Router:
 class RouterActor(Router):
     """In its own process, the router also exports the cluster's metrics to Ray (dashboard, Prometheus)."""
 
-    def __init__(self, placement: Placement, n_experts: int, window: int = 64):
-        super().__init__(placement, n_experts, window)
+    def __init__(self, placement: Placement, n_experts: int, window: int = 64, n_group: int | None = None):
+        super().__init__(placement, n_experts, window, n_group)
         from actors.metrics import ClusterMetrics
 
         self.metrics = ClusterMetrics()

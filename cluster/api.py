@@ -80,6 +80,8 @@ class RayMoE:
         for entry, node in zip(actors, nodes, strict=True):
             entry.update(node_id=node, node_ip=ips.get(node, "?"), device=self.layout.device)
         self._actors = actors
+        if getattr(self, "router", None) is not None:
+            self.router.set_actor_nodes.remote(nodes[len(attention):])
 
     @classmethod
     def start(cls, model: str | Path | None = None, layout: ClusterLayout | str | Path | None = None,
@@ -114,7 +116,7 @@ class RayMoE:
         window = max([64] + [p.window_steps for p in (balance, autoscale) if p is not None])
         router = RouterActor.options(**({"resources": layout.resources["router"]}
                                         if "router" in layout.resources else {})).remote(
-            placement, args.n_routed_experts, window)
+            placement, args.n_routed_experts, window, args.n_group)
         handle: dict = {}
 
         def rebuild():  # a fault: every data-plane actor anew, on the placement in force
@@ -216,6 +218,7 @@ class RayMoE:
         except Exception:
             for a in new:
                 ray.kill(a, no_restart=True)
+            self._plane.release_experts_from(current.num_actors)
             raise
         self._plane.release_experts_from(n)
         return version

@@ -33,7 +33,8 @@ def cmd_generate(args) -> int:
     if args.chat:
         prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     if args.local:
-        results = LocalLLM(model_dir(args), dtype=args.dtype, progress=not args.json).generate(prompts, params)
+        llm = LocalLLM(model_dir(args), dtype=args.dtype or "bfloat16", progress=not args.json)
+        results = llm.generate(prompts, params)
     else:
         from cluster.api import RayMoE
 
@@ -94,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[], help="a prompt as token ids: 1,2,3")
     p.add_argument("--chat", action="store_true", help="wrap text prompts in the chat template as a user turn")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="compute dtype (default: the layout's, bfloat16 in configs/cluster/local.yaml)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     add_sampling_flags(p)
     add_cluster_flags(p)
@@ -113,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $RAYMOE_API_KEY; unset: no key)")
     p.add_argument("--served-model-name", default=None,
                    help="the model id of the OpenAI API (default: the checkpoint folder's name)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="compute dtype (default: the layout's, bfloat16 in configs/cluster/local.yaml)")
     add_cluster_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -121,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSON lines: {id, prompt | messages, sampling fields...}")
     p.add_argument("--output", required=True, help="JSON lines, one per input id; re-runs resume")
     p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+                   help="compute dtype (default: the layout's, bfloat16 in configs/cluster/local.yaml)")
     p.add_argument("--no-progress", action="store_true")
     add_sampling_flags(p)
     add_cluster_flags(p)

@@ -95,7 +95,8 @@ class PlacementSwitch:
             return
         if self.change is None and steps - self._last_plan_step >= self.balance.every_steps:
             self._last_plan_step = steps
-            self._plan_ref = self.router.plan.remote(min_gain=self.balance.min_gain)
+            self._plan_ref = self.router.plan.remote(min_gain=self.balance.min_gain,
+                                                     window_steps=self.balance.window_steps)
 
     def _tick_autoscale(self, steps: int) -> None:
         if self.autoscale is None or self.scale is None:
@@ -104,7 +105,11 @@ class PlacementSwitch:
             ready, _ = ray.wait([self._scale_ref], timeout=0)
             if ready:
                 ref, self._scale_ref = self._scale_ref, None
-                target = ray.get(ref)
+                try:
+                    target = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - a failed decision is skipped, serving goes on
+                    log.warning("autoscaling decision failed: %s", e)
+                    return
                 if target != self.placement.num_actors and self.change is None and not self.scaling:
                     log.info("autoscaling the expert actors: %d -> %d", self.placement.num_actors, target)
                     self.scale(target)
@@ -150,6 +155,10 @@ class PlacementSwitch:
             self._done(c)
             return
         staying = [o for e, o in zip(experts, expert_outputs, strict=True) if c.experts is None or e in c.experts]
+        failed = [o.stage_error for o in staying if o.stage_error]
+        if c.prepared and failed:
+            self.abort(f"an expert actor could not stage placement version {c.version}: {failed[0]}", experts)
+            return
         if c.prepared and staying and all(o.staged_version == c.version for o in staying):
             c.staged = True  # actors that scaling removes never stage: they are not waited for
 

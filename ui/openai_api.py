@@ -131,7 +131,7 @@ class OpenAIServer:
         if top_p == 0:
             raise _bad("top_p", "'top_p' must be > 0")
         top_k = _get(body, "top_k", int, 0, lo=-1)
-        seed = _get(body, "seed", int, None, lo=-(2**63), hi=2**64 - 1)
+        seed = _get(body, "seed", int, None, lo=-(2**63), hi=2**63 - 1)
         n = _get(body, "n", int, 1, lo=1, hi=MAX_N)
         stop = body.get("stop")
         if stop is None:
@@ -148,11 +148,9 @@ class OpenAIServer:
         else:
             top = _get(body, "logprobs", int, None, lo=0, hi=MAX_LOGPROBS)
             want, top = top is not None, top or 0
-        if seed is not None and seed < 0:
-            seed += 2**64
         params = []
         for i in range(n):
-            s = None if seed is None else (seed + i) % 2**64
+            s = None if seed is None else (seed + i + 2**63) % 2**64 - 2**63  # stays a 64-bit integer
             try:
                 params.append(SamplingParams(temperature=temperature, top_p=top_p, top_k=max(top_k, 0), seed=s,
                                              max_new_tokens=max_tokens or room, stop=tuple(stop),

@@ -81,3 +81,21 @@ def test_balance_bad_values():
         BalancePolicy(every_steps=-1)
     with pytest.raises(ValueError, match="balance"):
         BalancePolicy(min_gain=1.5)
+
+
+def test_plans_by_node_when_the_actors_span_several():
+    r = Router(Placement.initial([1], 8, 4, 1), n_experts=8, window=8, n_group=4)
+    r.set_actor_nodes(["node-a", "node-a", "node-b", "node-b"])
+    r.record_load({1: [30, 30, 1, 1, 5, 5, 5, 5]})
+    p = r.plan(force=True).placement
+    node = {0: "node-a", 1: "node-a", 2: "node-b", 3: "node-b"}
+    for group in ([0, 1], [2, 3], [4, 5], [6, 7]):
+        assert len({node[a] for e in group for a, _ in p.layers[1][e]}) == 1, f"group {group} split over nodes"
+
+
+def test_plan_uses_the_last_window_steps_only():
+    r = _router(window=8)
+    r.record_load({1: [90, 5, 3, 2], 2: [90, 5, 3, 2]})
+    r.record_load({1: [10, 10, 10, 10], 2: [10, 10, 10, 10]})
+    assert r.plan(window_steps=1).placement is None  # the last step alone is balanced
+    assert r.plan(window_steps=2).placement is not None

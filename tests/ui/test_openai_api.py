@@ -85,6 +85,10 @@ def test_completions_with_n_and_seed(served, client, model):
     assert [c.text for c in r.choices] == [e.text for e in expected]
     assert len({c.text for c in r.choices}) > 1  # the choices differ
     assert r.usage.completion_tokens == sum(len(e.output_ids) for e in expected)
+    # any 64-bit seed, negative included, with n > 1 wrapping within 64 bits
+    r = client.completions.create(model=model, prompt=prompt, n=2, seed=2**63 - 1, max_tokens=2)
+    assert len(r.choices) == 2
+    assert client.completions.create(model=model, prompt=prompt, seed=-1, max_tokens=2).choices[0].text is not None
 
 
 def test_logprobs(served, client, model):
