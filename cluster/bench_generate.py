@@ -37,21 +37,22 @@ def main(args) -> int:
 
     path = model_dir(args)
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    llm = LocalLLM(path, dtype=dtype, progress=False)
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    llm = LocalLLM(path, dtype=dtype, device=device, progress=False)
     try:
         import transformers
 
-        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     except ImportError:
         hf = None
         print("transformers is not installed: measuring raymoe only (pip install -e '.[test]')")
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     gen = torch.Generator().manual_seed(0)
     rows = []
-    print(f"decode tokens/s, {args.dtype}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
+    print(f"decode tokens/s on {device}, {args.dtype}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
     print(HEADER + "\n" + "-" * len(HEADER))
     for batch in batch_sizes:
-        prompts = torch.randint(5, llm.args.vocab_size, (batch, args.prompt_len), generator=gen)
+        prompts = torch.randint(5, llm.args.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
 
         def run_ours(n, prompts=prompts):
             llm.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
@@ -69,7 +70,8 @@ def main(args) -> int:
         print(_format_row(row), flush=True)
 
     result = {
-        "benchmark": "generate", "checkpoint": str(path), "dtype": args.dtype, "prompt_len": args.prompt_len,
+        "benchmark": "generate", "checkpoint": str(path), "dtype": args.dtype, "device": device,
+        "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "rows": rows,

@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", default=None,
                    help="cluster layouts to measure, shards x experts (default: 1x2,2x2; balance: 1x3,1x4)")
     p.add_argument("--spare-slots", type=int, default=2, help="balance: free slots per expert actor (default 2)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="generate: where both models run (default: cuda when present, else cpu)")
     p.add_argument("--out", default=None, help="JSON file (default: bench-results/WHAT.json)")
     p.set_defaults(func=cmd_bench)
     return parser

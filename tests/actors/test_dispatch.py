@@ -79,7 +79,10 @@ def _recording_collectives(device, records):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dispatch_combine_equals_local_experts_and_keeps_tensors_on_the_device(tiny_dir, monkeypatch, dtype):
-    device = "cpu"  # the configured device; on a CUDA machine tests/gpu runs the cluster itself
+    check_dispatch(tiny_dir, monkeypatch, dtype, "cpu")  # tests/gpu runs the same check with device="cuda"
+
+
+def check_dispatch(tiny_dir, monkeypatch, dtype, device):
     reader = CheckpointReader(tiny_dir)
     args = reader.args
     layer, n = args.moe_layers[0], args.n_routed_experts
@@ -92,6 +95,7 @@ def test_dispatch_combine_equals_local_experts_and_keeps_tensors_on_the_device(t
     indices = torch.stack([torch.randperm(n, generator=gen)[:args.num_experts_per_tok] for _ in range(tokens)])
     indices[:10, 0] = 0  # many tokens for the replicated expert: both copies get some
     weights = torch.rand(tokens, args.num_experts_per_tok, generator=gen)
+    x, indices, weights = x.to(device), indices.to(device), weights.to(device)
 
     violations, records, cpu_calls = [], [], []
     exchange_counts, all_to_all_rows = _recording_collectives(device, records)
@@ -136,7 +140,8 @@ def test_dispatch_combine_equals_local_experts_and_keeps_tensors_on_the_device(t
     full = ExpertBank.load(reader, layer, list(range(n)), args, dtype, device)
     order, rows, offsets = sort_by_expert(indices, n)
     local = full.forward_sorted(x[rows], offsets).float()
-    expected = torch.zeros(tokens, args.hidden_size).index_add_(0, rows, local * weights.flatten()[order, None])
+    expected = torch.zeros(tokens, args.hidden_size, device=device).index_add_(
+        0, rows, local * weights.flatten()[order, None])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out["y"].float(), expected.to(dtype).float(), atol=tol, rtol=tol)
     assert out["load"].tolist() == torch.bincount(indices.flatten(), minlength=n).tolist()
