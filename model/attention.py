@@ -19,6 +19,7 @@ from torch import nn
 
 import kernels
 from model.config import ModelArgs
+from model.indexer import Indexer
 from model.layers import Linear, RMSNorm
 from model.rope import apply_rotary
 
@@ -70,6 +71,8 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(a.kv_lora_rank, a.rms_norm_eps, dtype)
         self.kv_b_proj = Linear(a.kv_lora_rank, self.n_heads * (a.qk_nope_head_dim + a.v_head_dim), **lin)
         self.o_proj = Linear(self.n_heads * a.v_head_dim, a.hidden_size, bias=a.attention_bias, **lin)
+        # DeepSeek-V3.2: the lightning indexer picks the keys each query attends to (model/indexer.py)
+        self.indexer = Indexer(a, dtype, fp8_block) if a.index_topk else None
         self._wkv_b_cache: torch.Tensor | None = None
 
     def reset_caches(self) -> None:
@@ -84,9 +87,12 @@ class MLA(nn.Module):
         return w
 
     def project(self, x: torch.Tensor, meta: AttnMeta):
-        """Queries and this step's latents: q_nope [T,H,nope], q_pe [T,H,rope], c_kv [T,r], k_pe [T,rope]."""
+        """Queries and this step's latents: q_nope [T,H,nope], q_pe [T,H,rope], c_kv [T,r], k_pe [T,rope],
+        and the query latent [T, q_lora_rank] (``None`` without q-lora)."""
+        q_latent = None
         if self.q_lora_rank:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q_latent = self.q_a_layernorm(self.q_a_proj(x))
+            q = self.q_b_proj(q_latent)
         else:
             q = self.q_proj(x)
         q = q.view(x.shape[0], self.n_heads, -1)
@@ -96,65 +102,78 @@ class MLA(nn.Module):
         c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rotary(k_pe, meta.cos, meta.sin)
-        return q_nope, q_pe, c_kv, k_pe
+        return q_nope, q_pe, c_kv, k_pe, q_latent
 
     def forward(self, x: torch.Tensor, meta: AttnMeta, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-                absorb: bool = True) -> torch.Tensor:
+                absorb: bool = True, index_cache: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` [T, hidden] -> [T, hidden]; writes this step's latents into the caches
-        (``kv_cache`` [slots, kv_lora_rank], ``pe_cache`` [slots, qk_rope_head_dim]) first."""
+        (``kv_cache`` [slots, kv_lora_rank], ``pe_cache`` [slots, qk_rope_head_dim], and for V3.2
+        ``index_cache`` [slots, index_head_dim]) first."""
         if x.shape[0] == 0:  # a shard with no tokens this step still runs every layer (collectives)
             return x.new_zeros(x.shape)
-        q_nope, q_pe, c_kv, k_pe = self.project(x, meta)
+        q_nope, q_pe, c_kv, k_pe, q_latent = self.project(x, meta)
         kv_cache[meta.slot_mapping] = c_kv.to(kv_cache.dtype)
         pe_cache[meta.slot_mapping] = k_pe.to(pe_cache.dtype)
+        masks = None
+        if self.indexer is not None:
+            if index_cache is None:
+                raise ValueError("this layer has a DSA indexer: give it its index_cache (MLACache.ik)")
+            masks = self.indexer(x, q_latent, meta, index_cache)
+            if all(m is None for m in masks):
+                masks = None  # every context fits in index_topk: dense attention is the same
         if absorb:
             wkv_b = self.wkv_b(x.dtype)
             q_lat = torch.einsum("thd,hdc->thc", q_nope, wkv_b[:, : self.qk_nope_head_dim])  # [T, H, r]
-            if meta.block_table is not None:
+            if meta.block_table is not None and masks is None:
                 o_lat = kernels.mla_decode(
                     q_lat, q_pe, kv_cache.view(-1, meta.block_size, self.kv_lora_rank),
                     pe_cache.view(-1, meta.block_size, self.qk_rope_head_dim),
                     meta.block_table, meta.seq_lens, self.softmax_scale)
             else:
-                o_lat = self._per_sequence(self._attend_latent, q_lat, q_pe, meta, kv_cache, pe_cache)
+                o_lat = self._per_sequence(self._attend_latent, q_lat, q_pe, meta, kv_cache, pe_cache, masks)
             out = torch.einsum("thc,hdc->thd", o_lat, wkv_b[:, self.qk_nope_head_dim:])  # [T, H, v]
         else:
-            out = self._per_sequence(self._attend_naive, q_nope, q_pe, meta, kv_cache, pe_cache)
+            out = self._per_sequence(self._attend_naive, q_nope, q_pe, meta, kv_cache, pe_cache, masks)
         return self.o_proj(out.flatten(1))
 
     @staticmethod
-    def _per_sequence(attend, q_a, q_pe, meta, kv_cache, pe_cache) -> torch.Tensor:
+    def _per_sequence(attend, q_a, q_pe, meta, kv_cache, pe_cache, masks=None) -> torch.Tensor:
         out = None
         for i, slots in enumerate(meta.context_slots):
             qs, qe = meta.query_starts[i], meta.query_starts[i + 1]
             if qe == qs:
                 continue
-            o = attend(q_a[qs:qe], q_pe[qs:qe], kv_cache[slots].to(q_a.dtype), pe_cache[slots].to(q_a.dtype))
+            o = attend(q_a[qs:qe], q_pe[qs:qe], kv_cache[slots].to(q_a.dtype), pe_cache[slots].to(q_a.dtype),
+                       None if masks is None else masks[i])
             if out is None:
                 out = q_a.new_zeros(q_a.shape[0], *o.shape[1:])
             out[qs:qe] = o
         return out if out is not None else q_a.new_zeros(q_a.shape[0], q_a.shape[1], 0)
 
-    def _causal_softmax(self, scores: torch.Tensor) -> torch.Tensor:
+    def _causal_softmax(self, scores: torch.Tensor, selected: torch.Tensor | None = None) -> torch.Tensor:
         # scores [q, H, s]: query i sits at position s - q + i and sees keys 0..s-q+i
+        # (and of those, with the indexer, only the ``selected`` [q, s] ones)
         q_len, s_len = scores.shape[0], scores.shape[-1]
         q_pos = torch.arange(s_len - q_len, s_len, device=scores.device)[:, None, None]
         k_pos = torch.arange(s_len, device=scores.device)[None, None, :]
-        scores = scores.float().masked_fill(k_pos > q_pos, float("-inf"))
+        hidden = k_pos > q_pos
+        if selected is not None:
+            hidden = hidden | ~selected[:, None, :]
+        scores = scores.float().masked_fill(hidden, float("-inf"))
         return scores.softmax(dim=-1)
 
-    def _attend_latent(self, q_lat, q_pe, ctx_kv, ctx_pe):
+    def _attend_latent(self, q_lat, q_pe, ctx_kv, ctx_pe, selected=None):
         """Absorbed form: [q, H, r] queries against [s, r] latents -> [q, H, r] latent outputs."""
         scores = (torch.einsum("qhc,sc->qhs", q_lat, ctx_kv)
                   + torch.einsum("qhr,sr->qhs", q_pe, ctx_pe)) * self.softmax_scale
-        probs = self._causal_softmax(scores).to(q_lat.dtype)
+        probs = self._causal_softmax(scores, selected).to(q_lat.dtype)
         return torch.einsum("qhs,sc->qhc", probs, ctx_kv)
 
-    def _attend_naive(self, q_nope, q_pe, ctx_kv, ctx_pe):
+    def _attend_naive(self, q_nope, q_pe, ctx_kv, ctx_pe, selected=None):
         kv = self.kv_b_proj(ctx_kv).view(ctx_kv.shape[0], self.n_heads, -1)  # [s, H, nope + v]
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k = torch.cat([k_nope, ctx_pe[:, None, :].expand(-1, self.n_heads, -1)], dim=-1)  # [s, H, qk]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [q, H, qk]
         scores = torch.einsum("qhd,shd->qhs", q, k) * self.softmax_scale
-        probs = self._causal_softmax(scores).to(q.dtype)
+        probs = self._causal_softmax(scores, selected).to(q.dtype)
         return torch.einsum("qhs,shd->qhd", probs, v)

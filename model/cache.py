@@ -16,7 +16,8 @@ from model.config import ModelArgs
 
 
 class MLACache:
-    """Per-layer latent and rope-key pools: ``kv[layer]`` [slots, kv_lora_rank], ``pe[layer]`` [slots, rope]."""
+    """Per-layer latent and rope-key pools: ``kv[layer]`` [slots, kv_lora_rank], ``pe[layer]`` [slots, rope];
+    for DeepSeek-V3.2 also the indexer's keys ``ik[layer]`` [slots, index_head_dim] (else ``ik`` is empty)."""
 
     def __init__(self, args: ModelArgs, num_layers: int, num_blocks: int, block_size: int = 16,
                  dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"):
@@ -24,12 +25,14 @@ class MLACache:
         self.kv = [torch.zeros(n_slots, args.kv_lora_rank, dtype=dtype, device=device) for _ in range(num_layers)]
         self.pe = [torch.zeros(n_slots, args.qk_rope_head_dim, dtype=dtype, device=device)
                    for _ in range(num_layers)]
+        self.ik = [torch.zeros(n_slots, args.index_head_dim, dtype=dtype, device=device)
+                   for _ in range(num_layers)] if args.index_topk else []
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.device = torch.device(device)
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.kv + self.pe)
+        return sum(t[0].numel() * t.element_size() for t in self.kv + self.pe + self.ik)
 
     def build_meta(self, seqs: list[tuple[int, int, int]],
                    tables: dict[int, list[int]] | None = None) -> AttnMeta:

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.config import ModelArgs, QuantArgs, args_to_hf
+from model.indexer import LayerNorm
 from model.layers import Linear, RMSNorm
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
@@ -109,7 +110,7 @@ def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
         if name.endswith("weight_scale_inv"):
             continue
         owner = modules[name.rsplit(".", 1)[0]] if "." in name else model
-        if isinstance(owner, RMSNorm):
+        if isinstance(owner, (RMSNorm, LayerNorm)) and name.endswith("weight"):
             t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
         elif name.endswith("e_score_correction_bias"):
             t = 0.05 * torch.randn(p.shape, generator=gen)

@@ -25,13 +25,13 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, dtype)
 
-    def forward(self, x, residual, meta, kv_cache, pe_cache, absorb=True):
+    def forward(self, x, residual, meta, kv_cache, pe_cache, absorb=True, index_cache=None):
         """Pre-norm block with the residual carried separately (fused add + norm)."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, meta, kv_cache, pe_cache, absorb)
+        h = self.self_attn(h, meta, kv_cache, pe_cache, absorb, index_cache)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -56,10 +56,10 @@ class MTPBlock(Block):
         self.shared_head = SharedHead(args, dtype)
         self.embed_tokens.weight.requires_grad_(False)
 
-    def predict(self, hidden, next_ids, meta, kv_cache, pe_cache) -> torch.Tensor:
+    def predict(self, hidden, next_ids, meta, kv_cache, pe_cache, index_cache=None) -> torch.Tensor:
         """``hidden`` [T, hidden] from the main model, ``next_ids`` [T] -> logits [T, vocab] (float32)."""
         h = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(next_ids)), self.hnorm(hidden)], dim=-1))
-        h, residual = self.forward(h, None, meta, kv_cache, pe_cache)
+        h, residual = self.forward(h, None, meta, kv_cache, pe_cache, True, index_cache)
         return self.shared_head.head(self.shared_head.norm(h + residual)).float()
 
 
@@ -85,11 +85,6 @@ class Transformer(nn.Module):
         """``routed_experts``: the main layers' routed experts run there (an attention shard's model
         holds everything else); ``None``: the whole model in this process."""
         super().__init__()
-        if args.model_type == "deepseek_v32":
-            raise NotImplementedError(
-                "model_type deepseek_v32 needs the sparse-attention indexer, which raymoe does not run yet; "
-                "its preset serves memory planning only"
-            )
         self.args, self.dtype = args, dtype
         fp8_block = args.quant.weight_block_size if args.quant else None
         self.model = Model(args, dtype, fp8_block, with_mtp, routed_experts)
@@ -118,7 +113,8 @@ class Transformer(nn.Module):
         self.prepare(meta)
         x, residual = self.model.embed_tokens(input_ids), None
         for i in range(self.num_layers):
-            x, residual = self.model.layers[i](x, residual, meta, cache.kv[i], cache.pe[i], absorb)
+            x, residual = self.model.layers[i](x, residual, meta, cache.kv[i], cache.pe[i], absorb,
+                                               cache.ik[i] if cache.ik else None)
         return x + residual
 
     @torch.inference_mode()

@@ -1,0 +1,101 @@
+"""DeepSeek-V3.2's lightning indexer (DeepSeek Sparse Attention, DSA).
+
+For every query token it scores the tokens of the causal past and keeps the ``index_topk`` best;
+MLA then attends to those only. Per layer (names as in the checkpoint, ``self_attn.indexer.*``):
+
+- indexer queries: ``wq_b`` on the query latent ``q_a_layernorm(q_a_proj(x))``, ``index_n_heads``
+  heads of ``index_head_dim``;
+- indexer key: ``k_norm(wk(x))`` (a LayerNorm with bias), one per token, shared by the heads, cached
+  next to the MLA latent (``MLACache.ik``);
+- RoPE on the first ``qk_rope_head_dim`` dims of both, in the **half-split** layout: dim ``i`` pairs
+  with dim ``i + rope/2`` (MLA pairs neighbours; mixing the two up loses accuracy);
+- score of key ``s`` for query ``t``: ``sum_h weights_proj(x_t)_h * n_heads^-0.5 * softmax_scale *
+  ReLU(q_th . k_s)``, with ``softmax_scale = index_head_dim^-0.5``.
+
+This is the exact path (float scores). DeepSeek's own kernels rotate q and k by a Hadamard matrix and
+score in FP8; the rotation keeps dot products, the FP8 rounding does not (not implemented here).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import ModelArgs
+from model.layers import Linear
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight and bias (the indexer's ``k_norm``), computed in float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(dim, dtype=dtype), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), self.weight.float(), self.bias.float(), self.eps)
+        return y.to(x.dtype)
+
+
+def apply_rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the half-split pairs ``(x[i], x[i + d/2])``. ``x`` [T, ..., d]; cos/sin [T, d/2]."""
+    shape = [cos.shape[0]] + [1] * (x.dim() - 2) + [cos.shape[1]]
+    cos, sin = cos.view(shape), sin.view(shape)
+    xf = x.float()
+    x1, x2 = xf[..., : cos.shape[-1]], xf[..., cos.shape[-1]:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Indexer(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype, fp8_block=None):
+        super().__init__()
+        if not args.q_lora_rank:
+            raise ValueError("the DSA indexer reads the query latent: deepseek_v32 needs q_lora_rank > 0")
+        if args.index_head_dim < args.qk_rope_head_dim:
+            raise ValueError(f"index_head_dim ({args.index_head_dim}) must be at least qk_rope_head_dim "
+                             f"({args.qk_rope_head_dim})")
+        self.n_heads, self.head_dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
+        self.rope_dim = args.qk_rope_head_dim
+        self.softmax_scale = self.head_dim ** -0.5
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, dtype=dtype, fp8_block=fp8_block)
+        self.wk = Linear(args.hidden_size, self.head_dim, dtype=dtype, fp8_block=fp8_block)
+        self.k_norm = LayerNorm(self.head_dim, 1e-6, dtype)
+        self.weights_proj = Linear(args.hidden_size, self.n_heads, dtype=dtype)  # never FP8 (as DeepSeek ships)
+
+    def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = t.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat([apply_rotary_half(rot, cos, sin), rest], dim=-1)
+
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, meta, index_cache: torch.Tensor
+                ) -> list[torch.Tensor | None]:
+        """Writes this step's indexer keys into ``index_cache`` [slots, index_head_dim]; returns per
+        sequence of ``meta`` a bool mask [queries, context] of the keys each query may attend to, or
+        ``None`` when the context is no longer than ``index_topk`` (every key is selected)."""
+        q = self.wq_b(q_latent).view(x.shape[0], self.n_heads, self.head_dim)
+        q = self._rope(q, meta.cos, meta.sin)
+        k = self._rope(self.k_norm(self.wk(x)), meta.cos, meta.sin)
+        index_cache[meta.slot_mapping] = k.to(index_cache.dtype)
+        weights = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.softmax_scale)  # [T, H]
+        masks: list[torch.Tensor | None] = []
+        for i, slots in enumerate(meta.context_slots):
+            qs, qe = meta.query_starts[i], meta.query_starts[i + 1]
+            if qe == qs or len(slots) <= self.topk:
+                masks.append(None)
+                continue
+            keys = index_cache[slots].float()  # [s, D]
+            scores = torch.einsum("qhd,sd->qhs", q[qs:qe].float(), keys).relu_()
+            index = torch.einsum("qh,qhs->qs", weights[qs:qe], scores)  # [q, s]
+            masks.append(select_topk(index, self.topk))
+        return masks
+
+
+def select_topk(index: torch.Tensor, topk: int) -> torch.Tensor:
+    """Scores [q, s] of the queries at the last ``q`` positions of an ``s``-token context -> a bool
+    mask [q, s] of each query's ``topk`` best keys among its causal past (all of them when fewer)."""
+    q_len, s_len = index.shape
+    q_pos = torch.arange(s_len - q_len, s_len, device=index.device)[:, None]
+    future = torch.arange(s_len, device=index.device)[None, :] > q_pos
+    best = index.masked_fill(future, float("-inf")).topk(min(topk, s_len), dim=-1).indices
+    return torch.zeros_like(index, dtype=torch.bool).scatter_(1, best, True) & ~future

@@ -1,0 +1,101 @@
+"""DeepSeek-V3.2 (sparse attention with the lightning indexer) against transformers'
+``DeepseekV32ForCausalLM`` on tiny checkpoints whose prompts are longer than ``index_topk`` (8), so
+the selection matters; cached decode against full recompute; naive against absorbed attention.
+
+transformers scores the indexer in float without the Hadamard rotation or FP8, as raymoe's exact
+path does: float32 logits agree within 2e-4 (summation order only)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from model.checkpoint import load_model
+from model.generate import LocalLLM
+from model.sampling import SamplingParams
+from model.tiny import make_tiny
+from tests.helpers import full_logits, rewrite_config
+
+TOL = 2e-4
+ROWS = [list(range(5, 45)), [7, 300, 11, 600, 42, 9, 77, 500, 12, 13, 14, 15, 900, 3, 4, 5, 6, 8, 10],
+        [100, 200, 300]]
+
+
+@pytest.fixture(scope="module")
+def v32_dir(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("ckpt") / "tiny-v32", preset="tiny-v32", seed=5)
+
+
+def _hf_logits(path, rows):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "DeepseekV32ForCausalLM"
+    with torch.no_grad():
+        return [hf(torch.tensor([r])).logits[0].float() for r in rows]
+
+
+def test_logits_match_transformers_and_the_selection_matters(v32_dir, tmp_path):
+    model = load_model(v32_dir, torch.float32, with_mtp=False, progress=False)
+    assert model.args.index_topk == 8 and len(ROWS[0]) > 8
+    ours = full_logits(model, ROWS)
+    theirs = _hf_logits(v32_dir, ROWS)
+    for o, t in zip(ours, theirs, strict=True):
+        assert (o - t).abs().max() < TOL
+    # the same weights with every key selected (dense MLA) give other logits past index_topk
+    dense = tmp_path / "dense"
+    shutil.copytree(v32_dir, dense)
+    rewrite_config(dense, index_topk=4096)
+    dense_logits = full_logits(load_model(dense, torch.float32, with_mtp=False, progress=False), ROWS[:1])[0]
+    assert (dense_logits[:8] - ours[0][:8]).abs().max() < TOL  # within index_topk: the same
+    assert (dense_logits[8:] - ours[0][8:]).abs().max() > 1e-2  # beyond: the indexer changed attention
+
+
+def test_naive_equals_absorbed(v32_dir):
+    model = load_model(v32_dir, torch.float32, with_mtp=False, progress=False)
+    a = full_logits(model, ROWS, absorb=True)
+    b = full_logits(model, ROWS, absorb=False)
+    for x, y in zip(a, b, strict=True):
+        assert (x - y).abs().max() < TOL
+
+
+def test_cached_decode_with_chunked_prefill_equals_full_recompute(v32_dir):
+    """Greedy generation (prefill in chunks of 5 tokens, then one token per step over the paged
+    cache, indexer keys included) picks the argmax of a full recompute at every position."""
+    llm = LocalLLM(v32_dir, dtype="float32", max_batch_tokens=5, progress=False)
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=2)
+    results = llm.generate(ROWS, params)
+    for row, r in zip(ROWS, results, strict=True):
+        full = full_logits(llm.model, [row + r.output_ids])[0]
+        lp = torch.log_softmax(full[len(row) - 1:-1], -1)
+        assert r.output_ids == lp.argmax(-1).tolist()
+        got = torch.tensor([t[0][1] for t in r.top_logprobs])
+        assert (got - lp.max(-1).values).abs().max() < 1e-4
+
+
+def test_cache_holds_the_indexer_keys(v32_dir):
+    from model.cache import MLACache
+
+    args = load_model(v32_dir, torch.float32, with_mtp=False, progress=False).args
+    cache = MLACache(args, args.num_hidden_layers, 4, 4, torch.bfloat16)
+    per_layer = 2 * (args.kv_lora_rank + args.qk_rope_head_dim + args.index_head_dim)
+    assert cache.bytes_per_token == per_layer * args.num_hidden_layers
+
+
+def test_fp8_v32_checkpoint_loads_and_decodes_like_a_full_recompute(tmp_path):
+    path = make_tiny(tmp_path / "v32-fp8", preset="tiny-v32", fp8=True, seed=5)
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v32" and "quantization_config" in cfg
+    from safetensors import safe_open
+
+    names = set()
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            names |= set(st.keys())
+    assert "model.layers.1.self_attn.indexer.wq_b.weight_scale_inv" in names
+    assert "model.layers.1.self_attn.indexer.weights_proj.weight_scale_inv" not in names
+    model = load_model(path, torch.float32, with_mtp=False, progress=False)
+    out = LocalLLM(path, dtype="float32", progress=False).generate(ROWS[:1], SamplingParams(
+        temperature=0, max_new_tokens=6, ignore_eos=True))[0]
+    full = full_logits(model, [ROWS[0] + out.output_ids])[0]
+    assert out.output_ids == full[len(ROWS[0]) - 1:-1].argmax(-1).tolist()
