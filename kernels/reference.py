@@ -110,3 +110,23 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
               + torch.einsum("bhr,blr->bhl", q_pe.float(), pe)) * softmax_scale
     scores = scores.masked_fill((pos[None, :] >= seq_lens[:, None])[:, None, :], float("-inf"))
     return torch.einsum("bhl,blc->bhc", scores.softmax(dim=-1), kv).to(q_lat.dtype)
+
+
+def mla_sparse(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_pool: torch.Tensor, pe_pool: torch.Tensor,
+               slots: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Absorbed MLA attention of each query row over its own set of cache slots (DeepSeek-V3.2's
+    sparse attention over the keys the indexer selected).
+
+    ``q_lat`` [N, H, kv_lora_rank], ``q_pe`` [N, H, rope]; ``kv_pool`` [slots, kv_lora_rank] and
+    ``pe_pool`` [slots, rope] (a layer's whole paged cache, flat); ``slots`` [N, K] int64, the cache
+    slots row ``n`` attends to, ``-1`` for none (every row has at least one). Returns [N, H, r] in
+    ``q_lat.dtype``.
+    """
+    valid = slots >= 0
+    idx = slots.clamp(min=0)
+    kv = kv_pool[idx].float()  # [N, K, r]
+    pe = pe_pool[idx].float()  # [N, K, rope]
+    scores = (torch.einsum("nhc,nkc->nhk", q_lat.float(), kv)
+              + torch.einsum("nhr,nkr->nhk", q_pe.float(), pe)) * softmax_scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    return torch.einsum("nhk,nkc->nhc", scores.softmax(dim=-1), kv).to(q_lat.dtype)

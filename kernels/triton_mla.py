@@ -73,3 +73,65 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
                              seq_lens, out, h, r, p, block_table.stride(0), block_size, softmax_scale,
                              BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=block_p)
     return out
+
+
+@triton.jit
+def _mla_sparse_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, slots_ptr, out_ptr, H, R, P, K, scale,
+                       BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_P: tl.constexpr):
+    n = tl.program_id(0)
+    hg = tl.program_id(1)
+    heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = heads < H
+    rr = tl.arange(0, BLOCK_R)
+    rp = tl.arange(0, BLOCK_P)
+    r_mask, p_mask = rr < R, rp < P
+    q = tl.load(q_ptr + (n * H + heads[:, None]) * R + rr[None, :],
+                mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # [BH, R]
+    qpe = tl.load(qpe_ptr + (n * H + heads[:, None]) * P + rp[None, :],
+                  mask=h_mask[:, None] & p_mask[None, :], other=0.0)  # [BH, P]
+    m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_H, BLOCK_R), dtype=tl.float32)
+    for start in range(0, K, BLOCK_N):
+        k = start + tl.arange(0, BLOCK_N)
+        slot = tl.load(slots_ptr + n * K + k, mask=k < K, other=-1).to(tl.int64)
+        n_mask = slot >= 0
+        slot = tl.where(n_mask, slot, 0)
+        kv = tl.load(kv_ptr + slot[:, None] * R + rr[None, :], mask=n_mask[:, None] & r_mask[None, :],
+                     other=0.0)  # [BN, R]
+        pe = tl.load(pe_ptr + slot[:, None] * P + rp[None, :], mask=n_mask[:, None] & p_mask[None, :],
+                     other=0.0)  # [BN, P]
+        s = tl.dot(q, tl.trans(kv)).to(tl.float32) + tl.dot(qpe, tl.trans(pe)).to(tl.float32)
+        s = tl.where(n_mask[None, :], s * scale, float("-inf"))  # [BH, BN]
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + (n * H + heads[:, None]) * R + rr[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=h_mask[:, None] & r_mask[None, :])
+
+
+def mla_sparse(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_pool: torch.Tensor, pe_pool: torch.Tensor,
+               slots: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Sparse absorbed MLA over each row's own cache slots; same signature as
+    ``kernels.reference.mla_sparse``. A block of selected slots whose first entries are all -1
+    contributes nothing (its scores are -inf); every row has at least one valid slot."""
+    n, h, r = q_lat.shape
+    p = q_pe.shape[-1]
+    k = slots.shape[1]
+    q_lat = q_lat.contiguous()
+    out = torch.empty(n, h, r, dtype=q_lat.dtype, device=q_lat.device)
+    q_pe = q_pe.contiguous().to(q_lat.dtype)
+    block_h = 16
+    block_r = max(16, triton.next_power_of_2(r))
+    block_p = max(16, triton.next_power_of_2(p))
+    block_n = 64 if block_r <= 128 else 32
+    grid = (n, triton.cdiv(h, block_h))
+    _mla_sparse_kernel[grid](q_lat, q_pe, kv_pool.contiguous().to(q_lat.dtype), pe_pool.contiguous().to(q_lat.dtype),
+                             slots.contiguous(), out, h, r, p, k, softmax_scale,
+                             BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=block_p)
+    return out

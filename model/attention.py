@@ -124,17 +124,39 @@ class MLA(nn.Module):
         if absorb:
             wkv_b = self.wkv_b(x.dtype)
             q_lat = torch.einsum("thd,hdc->thc", q_nope, wkv_b[:, : self.qk_nope_head_dim])  # [T, H, r]
-            if meta.block_table is not None and masks is None:
+            if masks is not None:  # V3.2 past index_topk: every query row over its selected slots, one call
+                o_lat = kernels.mla_sparse(q_lat, q_pe, kv_cache, pe_cache, self._selected_slots(meta, masks),
+                                           self.softmax_scale)
+            elif meta.block_table is not None:
                 o_lat = kernels.mla_decode(
                     q_lat, q_pe, kv_cache.view(-1, meta.block_size, self.kv_lora_rank),
                     pe_cache.view(-1, meta.block_size, self.qk_rope_head_dim),
                     meta.block_table, meta.seq_lens, self.softmax_scale)
             else:
-                o_lat = self._per_sequence(self._attend_latent, q_lat, q_pe, meta, kv_cache, pe_cache, masks)
+                o_lat = self._per_sequence(self._attend_latent, q_lat, q_pe, meta, kv_cache, pe_cache)
             out = torch.einsum("thc,hdc->thd", o_lat, wkv_b[:, self.qk_nope_head_dim:])  # [T, H, v]
         else:
             out = self._per_sequence(self._attend_naive, q_nope, q_pe, meta, kv_cache, pe_cache, masks)
         return self.o_proj(out.flatten(1))
+
+    def _selected_slots(self, meta: AttnMeta, selections) -> torch.Tensor:
+        """[T, index_topk] cache slots per query row (-1: none): the indexer's selection, or the
+        whole causal past where the context fits in ``index_topk``."""
+        k = self.indexer.topk
+        out = torch.full((meta.query_starts[-1], k), -1, dtype=torch.long, device=meta.slot_mapping.device)
+        for i, slots in enumerate(meta.context_slots):
+            qs, qe = meta.query_starts[i], meta.query_starts[i + 1]
+            if qe == qs:
+                continue
+            sel = selections[i]
+            if sel is None:  # context <= topk: the causal past of each query
+                s_len = len(slots)
+                pos = torch.arange(s_len, device=slots.device)
+                q_pos = torch.arange(s_len - (qe - qs), s_len, device=slots.device)[:, None]
+                out[qs:qe, :s_len] = torch.where(pos[None, :] <= q_pos, slots[None, :], -1)
+            else:
+                out[qs:qe, :sel.index.shape[1]] = torch.where(sel.valid, slots[sel.index], -1)
+        return out
 
     @staticmethod
     def _per_sequence(attend, q_a, q_pe, meta, kv_cache, pe_cache, masks=None) -> torch.Tensor:
@@ -144,7 +166,7 @@ class MLA(nn.Module):
             if qe == qs:
                 continue
             o = attend(q_a[qs:qe], q_pe[qs:qe], kv_cache[slots].to(q_a.dtype), pe_cache[slots].to(q_a.dtype),
-                       None if masks is None else masks[i])
+                       None if masks is None else masks[i])  # masks[i]: the indexer's Selection
             if out is None:
                 out = q_a.new_zeros(q_a.shape[0], *o.shape[1:])
             out[qs:qe] = o
@@ -163,10 +185,11 @@ class MLA(nn.Module):
         return scores.softmax(dim=-1)
 
     def _attend_latent(self, q_lat, q_pe, ctx_kv, ctx_pe, selected=None):
-        """Absorbed form: [q, H, r] queries against [s, r] latents -> [q, H, r] latent outputs."""
+        """Absorbed form, dense: [q, H, r] queries against [s, r] latents -> [q, H, r] latent outputs
+        (with the indexer, the absorbed path reads only the selected slots: ``kernels.mla_sparse``)."""
         scores = (torch.einsum("qhc,sc->qhs", q_lat, ctx_kv)
                   + torch.einsum("qhr,sr->qhs", q_pe, ctx_pe)) * self.softmax_scale
-        probs = self._causal_softmax(scores, selected).to(q_lat.dtype)
+        probs = self._causal_softmax(scores).to(q_lat.dtype)
         return torch.einsum("qhs,sc->qhc", probs, ctx_kv)
 
     def _attend_naive(self, q_nope, q_pe, ctx_kv, ctx_pe, selected=None):
@@ -175,5 +198,5 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, ctx_pe[:, None, :].expand(-1, self.n_heads, -1)], dim=-1)  # [s, H, qk]
         q = torch.cat([q_nope, q_pe], dim=-1)  # [q, H, qk]
         scores = torch.einsum("qhd,shd->qhs", q, k) * self.softmax_scale
-        probs = self._causal_softmax(scores, selected).to(q.dtype)
+        probs = self._causal_softmax(scores, None if selected is None else selected.mask(k.shape[0])).to(q.dtype)
         return torch.einsum("qhs,shd->qhd", probs, v)

@@ -18,6 +18,8 @@ score in FP8; the rotation keeps dot products, the FP8 rounding does not (not im
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -69,10 +71,10 @@ class Indexer(nn.Module):
         return torch.cat([apply_rotary_half(rot, cos, sin), rest], dim=-1)
 
     def forward(self, x: torch.Tensor, q_latent: torch.Tensor, meta, index_cache: torch.Tensor
-                ) -> list[torch.Tensor | None]:
+                ) -> list[Selection | None]:
         """Writes this step's indexer keys into ``index_cache`` [slots, index_head_dim]; returns per
-        sequence of ``meta`` a bool mask [queries, context] of the keys each query may attend to, or
-        ``None`` when the context is no longer than ``index_topk`` (every key is selected)."""
+        sequence of ``meta`` the keys each query may attend to, or ``None`` when the context is no
+        longer than ``index_topk`` (every key is selected)."""
         q = self.wq_b(q_latent).view(x.shape[0], self.n_heads, self.head_dim)
         q = self._rope(q, meta.cos, meta.sin)
         k = self._rope(self.k_norm(self.wk(x)), meta.cos, meta.sin)
@@ -91,11 +93,24 @@ class Indexer(nn.Module):
         return masks
 
 
-def select_topk(index: torch.Tensor, topk: int) -> torch.Tensor:
-    """Scores [q, s] of the queries at the last ``q`` positions of an ``s``-token context -> a bool
-    mask [q, s] of each query's ``topk`` best keys among its causal past (all of them when fewer)."""
+class Selection(NamedTuple):
+    """Per query, the context positions it attends to: ``index`` [q, topk] and ``valid`` [q, topk]
+    (False where a query has fewer than ``topk`` keys in its causal past)."""
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+    def mask(self, s_len: int) -> torch.Tensor:
+        """The same as a bool mask [q, s_len]."""
+        m = torch.zeros(self.index.shape[0], s_len, dtype=torch.bool, device=self.index.device)
+        return m.scatter_(1, self.index, self.valid)
+
+
+def select_topk(index: torch.Tensor, topk: int) -> Selection:
+    """Scores [q, s] of the queries at the last ``q`` positions of an ``s``-token context -> each
+    query's ``topk`` best keys among its causal past (all of them when fewer)."""
     q_len, s_len = index.shape
     q_pos = torch.arange(s_len - q_len, s_len, device=index.device)[:, None]
     future = torch.arange(s_len, device=index.device)[None, :] > q_pos
     best = index.masked_fill(future, float("-inf")).topk(min(topk, s_len), dim=-1).indices
-    return torch.zeros_like(index, dtype=torch.bool).scatter_(1, best, True) & ~future
+    return Selection(best, best <= q_pos)

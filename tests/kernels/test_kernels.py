@@ -126,6 +126,29 @@ def test_mla_decode_against_twin_and_float64(lens):
         assert (want[i].double() - exact).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("k,valid_counts", [(8, [8, 3, 1]), (70, [70, 64, 5, 1])])
+def test_mla_sparse_against_twin_and_float64(k, valid_counts):
+    """DeepSeek-V3.2's sparse attention: each query row over its own (scattered) cache slots."""
+    g = torch.Generator().manual_seed(k)
+    n_slots, heads, r, p = 200, 4, 64, 16
+    kv, pe = torch.randn(n_slots, r, generator=g), torch.randn(n_slots, p, generator=g)
+    rows = len(valid_counts)
+    q, qpe = torch.randn(rows, heads, r, generator=g), torch.randn(rows, heads, p, generator=g)
+    slots = torch.full((rows, k), -1, dtype=torch.long)
+    for i, c in enumerate(valid_counts):
+        chosen = torch.randperm(n_slots, generator=g)[:c]
+        where = torch.randperm(k, generator=g)[:c]  # -1 anywhere in the row, not only at its end
+        slots[i, where] = chosen
+    q, qpe, kv, pe, slots = (t.to(DEVICE) for t in (q, qpe, kv, pe, slots))
+    got = triton_mla.mla_sparse(q, qpe, kv, pe, slots, 0.11)
+    want = ref.mla_sparse(q, qpe, kv, pe, slots, 0.11)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    for i in range(rows):  # float64 dense attention over the row's slots
+        sel = slots[i][slots[i] >= 0]
+        s = (q[i].double() @ kv[sel].double().T + qpe[i].double() @ pe[sel].double().T) * 0.11
+        assert (want[i].double() - s.softmax(-1) @ kv[sel].double()).abs().max() < 1e-5
+
+
 def test_mla_decode_non_contiguous_queries():
     q, qpe, kv, pe, bt, sl = _paged_case([5, 17, 2])
     q_t = q.transpose(0, 1).contiguous().transpose(0, 1)  # same values, head-major strides
