@@ -26,11 +26,11 @@ class AttentionShard:
     """The shard's logic, usable without Ray (the actor below wraps it)."""
 
     def __init__(self, model_dir: str, dtype: str, num_blocks: int, block_size: int, torch_threads: int = 1,
-                 device: str = "cpu"):
+                 device: str = "cpu", index_fp8: bool = False):
         torch.set_num_threads(torch_threads)
         self.device = device
         self.model = load_model(model_dir, DTYPES[dtype], device, with_mtp=False, progress=False,
-                                routed_experts=self._routed_experts)
+                                routed_experts=self._routed_experts, index_fp8=index_fp8)
         self.args = self.model.args
         self.cache = MLACache(self.args, self.args.num_hidden_layers, num_blocks, block_size, DTYPES[dtype],
                               device)

@@ -32,6 +32,7 @@ class ClusterLayout:
     placement_strategy: str = "SPREAD"
     resources: dict[str, dict[str, float]] = field(default_factory=dict)
     replicas: dict[int, int] = field(default_factory=dict)
+    index_fp8: bool = False  # DeepSeek-V3.2: score the indexer in FP8 (as DeepSeek's kernels) instead of float
     # {every_steps, window_steps, min_gain}: re-plan expert placement from the load (absent: off)
     balance: dict[str, float] | None = None
     # {min_expert_actors, max_expert_actors, scale_out_rows, scale_in_rows, window_steps, cooldown_steps}

@@ -105,10 +105,10 @@ class MLA(nn.Module):
         return q_nope, q_pe, c_kv, k_pe, q_latent
 
     def forward(self, x: torch.Tensor, meta: AttnMeta, kv_cache: torch.Tensor, pe_cache: torch.Tensor,
-                absorb: bool = True, index_cache: torch.Tensor | None = None) -> torch.Tensor:
+                absorb: bool = True, index_cache: tuple | None = None) -> torch.Tensor:
         """``x`` [T, hidden] -> [T, hidden]; writes this step's latents into the caches
         (``kv_cache`` [slots, kv_lora_rank], ``pe_cache`` [slots, qk_rope_head_dim], and for V3.2
-        ``index_cache`` [slots, index_head_dim]) first."""
+        ``index_cache`` = (keys [slots, index_head_dim], FP8 scales or ``None``)) first."""
         if x.shape[0] == 0:  # a shard with no tokens this step still runs every layer (collectives)
             return x.new_zeros(x.shape)
         q_nope, q_pe, c_kv, k_pe, q_latent = self.project(x, meta)

@@ -25,14 +25,18 @@ class MLACache:
         self.kv = [torch.zeros(n_slots, args.kv_lora_rank, dtype=dtype, device=device) for _ in range(num_layers)]
         self.pe = [torch.zeros(n_slots, args.qk_rope_head_dim, dtype=dtype, device=device)
                    for _ in range(num_layers)]
-        self.ik = [torch.zeros(n_slots, args.index_head_dim, dtype=dtype, device=device)
+        ik_dtype = torch.float8_e4m3fn if args.index_fp8 else dtype
+        self.ik = [torch.zeros(n_slots, args.index_head_dim, dtype=ik_dtype, device=device)
                    for _ in range(num_layers)] if args.index_topk else []
+        # FP8 indexer keys: one float32 scale per 128 values
+        self.iks = [torch.zeros(n_slots, -(-args.index_head_dim // 128), dtype=torch.float32, device=device)
+                    for _ in range(num_layers)] if args.index_topk and args.index_fp8 else []
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.device = torch.device(device)
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(t[0].numel() * t.element_size() for t in self.kv + self.pe + self.ik)
+        return sum(t[0].numel() * t.element_size() for t in self.kv + self.pe + self.ik + self.iks)
 
     def build_meta(self, seqs: list[tuple[int, int, int]],
                    tables: dict[int, list[int]] | None = None) -> AttnMeta:

@@ -198,17 +198,23 @@ def load_into(module: torch.nn.Module, reader: CheckpointReader, prefix: str = "
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: str = "cpu",
                with_mtp: bool = True, progress: bool = True, dequantize_fp8: bool = False,
-               routed_experts=None):
+               routed_experts=None, index_fp8: bool = False):
     """Build the single-process model for the checkpoint at ``path`` and load its weights.
     ``dequantize_fp8``: run an FP8 checkpoint with ``dtype`` weights (dequantised once at load).
     ``routed_experts`` (a ``model.moe.RoutedExperts``): the routed experts run there and are not
-    loaded here (an attention shard's part of the model)."""
+    loaded here (an attention shard's part of the model). ``index_fp8``: DeepSeek-V3.2's indexer on
+    its FP8 path (``model.indexer``) instead of the exact one."""
     from model.transformer import Transformer
 
     reader = CheckpointReader(path)
     args = reader.args
     if dequantize_fp8:
         args = args.replace(quant=None)
+    if index_fp8:
+        if not args.index_topk:
+            raise ValueError("index_fp8 is for DeepSeek-V3.2 checkpoints (model_type deepseek_v32); this one has "
+                             "no indexer")
+        args = args.replace(index_fp8=True)
     with torch.device("meta"):
         model = Transformer(args, dtype, with_mtp=with_mtp, routed_experts=routed_experts)
     model = model.to_empty(device=device)

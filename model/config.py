@@ -101,6 +101,9 @@ class ModelArgs:
     index_n_heads: int = 0
     index_head_dim: int = 0
     index_topk: int = 0
+    # a runtime choice, not a config.json key: score the indexer as DeepSeek's kernels do (Hadamard-rotated
+    # q and k quantised to FP8 in 1x128 blocks, keys cached in FP8 with their scales) instead of in float
+    index_fp8: bool = False
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:

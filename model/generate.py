@@ -20,9 +20,9 @@ class LocalLLM:
     """The whole model in this process: ``generate`` a batch of prompts of any lengths."""
 
     def __init__(self, path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-                 block_size: int = 16, max_batch_tokens: int = 2048, progress: bool = True):
+                 block_size: int = 16, max_batch_tokens: int = 2048, progress: bool = True, index_fp8: bool = False):
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        self.model = load_model(path, dtype, device, with_mtp=False, progress=progress)
+        self.model = load_model(path, dtype, device, with_mtp=False, progress=progress, index_fp8=index_fp8)
         self.args = self.model.args
         self.tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
         self.dtype, self.device, self.block_size = dtype, device, block_size

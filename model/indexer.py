@@ -12,8 +12,11 @@ MLA then attends to those only. Per layer (names as in the checkpoint, ``self_at
 - score of key ``s`` for query ``t``: ``sum_h weights_proj(x_t)_h * n_heads^-0.5 * softmax_scale *
   ReLU(q_th . k_s)``, with ``softmax_scale = index_head_dim^-0.5``.
 
-This is the exact path (float scores). DeepSeek's own kernels rotate q and k by a Hadamard matrix and
-score in FP8; the rotation keeps dot products, the FP8 rounding does not (not implemented here).
+Two paths, chosen by ``ModelArgs.index_fp8`` (``load_model(..., index_fp8=True)``, the layout's
+``index_fp8``): the exact one scores in float (as transformers does); the FP8 one does what DeepSeek's
+kernels do: q and k are rotated by a normalised Hadamard matrix (it keeps dot products and spreads
+outliers), quantised to FP8 e4m3 in blocks of 1x128 with float32 scales, and the keys are cached that
+way (``MLACache.ik`` in FP8, ``MLACache.iks`` the scales); scores are then taken on the FP8 values.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+import kernels
 from model.config import ModelArgs
 from model.layers import Linear
 
@@ -65,20 +69,52 @@ class Indexer(nn.Module):
         self.wk = Linear(args.hidden_size, self.head_dim, dtype=dtype, fp8_block=fp8_block)
         self.k_norm = LayerNorm(self.head_dim, 1e-6, dtype)
         self.weights_proj = Linear(args.hidden_size, self.n_heads, dtype=dtype)  # never FP8 (as DeepSeek ships)
+        self.fp8 = args.index_fp8
+        self.scale_fmt = args.quant.scale_fmt if args.quant else None
+        if self.fp8 and self.head_dim & (self.head_dim - 1):
+            raise ValueError(f"the FP8 indexer rotates by a Hadamard matrix: index_head_dim ({self.head_dim}) "
+                             "must be a power of two")
+        self._hadamard: torch.Tensor | None = None
+
+    def rotate(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` [..., D] times the normalised Sylvester-Hadamard matrix (orthogonal and symmetric)."""
+        h = self._hadamard
+        if h is None or h.device != t.device:
+            h = torch.ones(1, 1)
+            while h.shape[0] < self.head_dim:
+                h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+            h = self._hadamard = (h / self.head_dim ** 0.5).to(t.device)
+        return t.float() @ h
+
+    def quantize(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated and quantised: FP8 values [..., D] and float32 scales [..., ceil(D/128)]."""
+        return kernels.act_quant(self.rotate(t).contiguous(), 128, self.scale_fmt)
+
+    @staticmethod
+    def dequantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        d = values.shape[-1]
+        return values.float() * scales.repeat_interleave(128, dim=-1)[..., :d]
 
     def _rope(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = t.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
         return torch.cat([apply_rotary_half(rot, cos, sin), rest], dim=-1)
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, meta, index_cache: torch.Tensor
+    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, meta, index_cache: tuple
                 ) -> list[Selection | None]:
-        """Writes this step's indexer keys into ``index_cache`` [slots, index_head_dim]; returns per
-        sequence of ``meta`` the keys each query may attend to, or ``None`` when the context is no
-        longer than ``index_topk`` (every key is selected)."""
+        """Writes this step's indexer keys into ``index_cache`` = (keys [slots, index_head_dim], FP8
+        scales [slots, blocks] or ``None``); returns per sequence of ``meta`` the keys each query may
+        attend to, or ``None`` when the context is no longer than ``index_topk`` (every key is selected)."""
+        keys_cache, scales_cache = index_cache
         q = self.wq_b(q_latent).view(x.shape[0], self.n_heads, self.head_dim)
         q = self._rope(q, meta.cos, meta.sin)
         k = self._rope(self.k_norm(self.wk(x)), meta.cos, meta.sin)
-        index_cache[meta.slot_mapping] = k.to(index_cache.dtype)
+        if self.fp8:
+            q = self.dequantize(*self.quantize(q))
+            k_fp8, k_scale = self.quantize(k)
+            keys_cache[meta.slot_mapping] = k_fp8
+            scales_cache[meta.slot_mapping] = k_scale
+        else:
+            keys_cache[meta.slot_mapping] = k.to(keys_cache.dtype)
         weights = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.softmax_scale)  # [T, H]
         masks: list[torch.Tensor | None] = []
         for i, slots in enumerate(meta.context_slots):
@@ -86,7 +122,10 @@ class Indexer(nn.Module):
             if qe == qs or len(slots) <= self.topk:
                 masks.append(None)
                 continue
-            keys = index_cache[slots].float()  # [s, D]
+            if self.fp8:
+                keys = self.dequantize(keys_cache[slots], scales_cache[slots])  # [s, D]
+            else:
+                keys = keys_cache[slots].float()  # [s, D]
             scores = torch.einsum("qhd,sd->qhs", q[qs:qe].float(), keys).relu_()
             index = torch.einsum("qh,qhs->qs", weights[qs:qe], scores)  # [q, s]
             masks.append(select_topk(index, self.topk))

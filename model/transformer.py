@@ -113,8 +113,8 @@ class Transformer(nn.Module):
         self.prepare(meta)
         x, residual = self.model.embed_tokens(input_ids), None
         for i in range(self.num_layers):
-            x, residual = self.model.layers[i](x, residual, meta, cache.kv[i], cache.pe[i], absorb,
-                                               cache.ik[i] if cache.ik else None)
+            index_cache = (cache.ik[i], cache.iks[i] if cache.iks else None) if cache.ik else None
+            x, residual = self.model.layers[i](x, residual, meta, cache.kv[i], cache.pe[i], absorb, index_cache)
         return x + residual
 
     @torch.inference_mode()

@@ -99,3 +99,54 @@ def test_fp8_v32_checkpoint_loads_and_decodes_like_a_full_recompute(tmp_path):
         temperature=0, max_new_tokens=6, ignore_eos=True))[0]
     full = full_logits(model, [ROWS[0] + out.output_ids])[0]
     assert out.output_ids == full[len(ROWS[0]) - 1:-1].argmax(-1).tolist()
+
+
+def test_fp8_indexer_selects_what_the_exact_one_selects(v32_dir):
+    """On the same inputs, the FP8 path (Hadamard + 1x128 e4m3, keys cached in FP8) keeps on average
+    at least 90% of the exact path's top-k keys per query (e4m3 keeps 3 mantissa bits; near-ties flip)."""
+    import copy
+
+    from model.cache import MLACache
+
+    model = load_model(v32_dir, torch.float32, with_mtp=False, progress=False)
+    caught = {}
+    for i, layer in enumerate(model.model.layers):
+        layer.self_attn.indexer.register_forward_hook(
+            lambda mod, inp, out, i=i: caught.setdefault(i, (inp, out)) and None)
+    full_logits(model, [list(range(5, 100))])
+    fp8_args = model.args.replace(index_fp8=True)
+    for i, (inp, exact) in caught.items():
+        x, q_latent, meta, _ = inp
+        twin = copy.deepcopy(model.model.layers[i].self_attn.indexer)
+        twin._forward_hooks.clear()
+        twin.fp8 = True
+        cache = MLACache(fp8_args, 1, 64, 4, torch.float32)
+        assert cache.ik[0].dtype == torch.float8_e4m3fn and cache.iks[0].dtype == torch.float32
+        got = twin(x, q_latent, meta, (cache.ik[0], cache.iks[0]))
+        overlaps = [len(set(a[va].tolist()) & set(b[vb].tolist())) / int(va.sum())
+                    for e, g in zip(exact, got, strict=True)
+                    for a, b, va, vb in zip(e.index, g.index, e.valid, g.valid, strict=True)]
+        assert sum(overlaps) / len(overlaps) >= 0.9 and min(overlaps) >= 0.5, (i, overlaps)
+
+
+def test_fp8_indexer_decode_equals_full_recompute(v32_dir, tiny_dir):
+    llm = LocalLLM(v32_dir, dtype="float32", max_batch_tokens=7, progress=False, index_fp8=True)
+    assert llm.model.model.layers[0].self_attn.indexer.fp8
+    out = llm.generate(ROWS[:2], SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))
+    for row, r in zip(ROWS[:2], out, strict=True):
+        full = full_logits(llm.model, [row + r.output_ids])[0]
+        assert r.output_ids == full[len(row) - 1:-1].argmax(-1).tolist()
+    with pytest.raises(ValueError, match="deepseek_v32"):
+        load_model(tiny_dir, torch.float32, progress=False, index_fp8=True)
+
+
+def test_the_v32_preset_builds_with_an_indexer_in_every_layer():
+    from model.config import ModelArgs
+    from model.transformer import Transformer
+
+    args = ModelArgs.from_preset("deepseek-v3.2-exp")
+    with torch.device("meta"):
+        model = Transformer(args, torch.bfloat16, with_mtp=True)
+    assert all(layer.self_attn.indexer is not None for layer in model.model.layers)
+    total = sum(p.numel() for p in model.parameters())
+    assert 680e9 < total < 690e9  # DeepSeek-V3.2-Exp: 671B + the 14B MTP module, plus the indexers
