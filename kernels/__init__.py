@@ -15,7 +15,7 @@ from kernels import reference
 from kernels.reference import FP8_DTYPE, FP8_MAX
 
 __all__ = ["FP8_DTYPE", "FP8_MAX", "act_quant", "weight_dequant", "fp8_gemm", "fp8_linear", "grouped_fp8_gemm",
-           "mla_decode", "mla_sparse", "moe_fp8", "backend_for"]
+           "mla_decode", "mla_sparse", "index_scores", "moe_fp8", "backend_for"]
 
 
 def backend_for(t: torch.Tensor) -> str:
@@ -29,7 +29,7 @@ def backend_for(t: torch.Tensor) -> str:
 
 _TRITON_MODULES = {"act_quant": "triton_fp8", "weight_dequant": "triton_fp8", "fp8_gemm": "triton_fp8",
                    "fp8_linear": "triton_fp8", "grouped_fp8_gemm": "triton_fp8", "mla_decode": "triton_mla",
-                   "mla_sparse": "triton_mla"}
+                   "mla_sparse": "triton_mla", "index_scores": "triton_index"}
 
 
 def _impl(name: str, t: torch.Tensor):
@@ -66,6 +66,11 @@ def grouped_fp8_gemm(a, a_s, b, b_s, expert_offsets) -> torch.Tensor:
 def mla_decode(q_lat, q_pe, kv_cache, pe_cache, block_table, seq_lens, softmax_scale: float):
     """Absorbed MLA decode over a paged latent cache; see ``kernels.reference.mla_decode``."""
     return _impl("mla_decode", q_lat)(q_lat, q_pe, kv_cache, pe_cache, block_table, seq_lens, softmax_scale)
+
+
+def index_scores(q, weights, key_pool, slots, key_scales=None):
+    """DeepSeek-V3.2 indexer scores over the paged key cache; see ``kernels.reference.index_scores``."""
+    return _impl("index_scores", q)(q, weights, key_pool, slots, key_scales)
 
 
 def mla_sparse(q_lat, q_pe, kv_pool, pe_pool, slots, softmax_scale: float):

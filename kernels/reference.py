@@ -130,3 +130,23 @@ def mla_sparse(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_pool: torch.Tensor, p
               + torch.einsum("nhr,nkr->nhk", q_pe.float(), pe)) * softmax_scale
     scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     return torch.einsum("nhk,nkc->nhc", scores.softmax(dim=-1), kv).to(q_lat.dtype)
+
+
+def index_scores(q: torch.Tensor, weights: torch.Tensor, key_pool: torch.Tensor, slots: torch.Tensor,
+                 key_scales: torch.Tensor | None = None) -> torch.Tensor:
+    """DeepSeek-V3.2's lightning-indexer scores over a paged key cache.
+
+    ``q`` [N, H, D] float (queries, already rotated), ``weights`` [N, H] float (per-head weights,
+    every scale folded in); ``key_pool`` [slots, D] (float, or FP8 with ``key_scales`` [slots,
+    ceil(D/128)]); ``slots`` [N, L] int64, the cache slots each row scores, ``-1`` for none.
+    Returns [N, L] float32: ``sum_h weights[n, h] * ReLU(q[n, h] . key[slot])``, ``-inf`` where the
+    slot is ``-1``."""
+    valid = slots >= 0
+    idx = slots.clamp(min=0)
+    keys = key_pool[idx].float()  # [N, L, D]
+    if key_scales is not None:
+        d = keys.shape[-1]
+        keys = keys * key_scales[idx].repeat_interleave(128, dim=-1)[..., :d]
+    scores = torch.einsum("nhd,nld->nhl", q.float(), keys).relu_()
+    out = torch.einsum("nh,nhl->nl", weights.float(), scores)
+    return out.masked_fill(~valid, float("-inf"))

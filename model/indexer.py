@@ -122,12 +122,9 @@ class Indexer(nn.Module):
             if qe == qs or len(slots) <= self.topk:
                 masks.append(None)
                 continue
-            if self.fp8:
-                keys = self.dequantize(keys_cache[slots], scales_cache[slots])  # [s, D]
-            else:
-                keys = keys_cache[slots].float()  # [s, D]
-            scores = torch.einsum("qhd,sd->qhs", q[qs:qe].float(), keys).relu_()
-            index = torch.einsum("qh,qhs->qs", weights[qs:qe], scores)  # [q, s]
+            rows = slots[None, :].expand(qe - qs, -1)  # every query scores the whole context; causality below
+            index = kernels.index_scores(q[qs:qe], weights[qs:qe], keys_cache, rows,
+                                         scales_cache if self.fp8 else None)  # [q, s]
             masks.append(select_topk(index, self.topk))
         return masks
 

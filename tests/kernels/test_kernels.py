@@ -194,3 +194,33 @@ if __name__ == "__main__":
         fn()
         mode = "interpreted" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled"
         print(f"{name}: {1e3 * (time.perf_counter() - t0):.1f} ms ({DEVICE}, {mode})")
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_index_scores_against_twin_and_float64(fp8):
+    """DeepSeek-V3.2's indexer scoring over scattered cache slots, float or FP8 keys with scales."""
+    triton_index = pytest.importorskip("kernels.triton_index")
+    g = torch.Generator().manual_seed(3)
+    rows, heads, d, n_slots, length = 5, 6, 48, 120, 70
+    q, w = torch.randn(rows, heads, d, generator=g), torch.randn(rows, heads, generator=g)
+    keys = torch.randn(n_slots, d, generator=g)
+    scales = None
+    if fp8:
+        keys, scales = ref.act_quant(keys, 128)
+    slots = torch.randint(0, n_slots, (rows, length), generator=g)
+    slots[1, 50:] = -1
+    slots[3, ::7] = -1
+    q, w, keys, slots = (t.to(DEVICE) for t in (q, w, keys, slots))
+    scales = scales.to(DEVICE) if scales is not None else None
+    got = triton_index.index_scores(q, w, keys, slots, scales)
+    want = ref.index_scores(q, w, keys, slots, scales)
+    assert torch.equal(torch.isinf(got), slots < 0) and torch.equal(torch.isinf(want), slots < 0)
+    ok = slots >= 0
+    torch.testing.assert_close(got[ok], want[ok], atol=1e-4, rtol=1e-4)
+    k64 = keys.double() if scales is None else keys.double() * scales.double()[:, :1]
+    for n in range(rows):  # float64, written out
+        for j in range(length):
+            if slots[n, j] >= 0:
+                s = (q[n].double() @ k64[slots[n, j]]).clamp(min=0)
+                magnitude = float(w[n].double().abs() @ s) + 1.0  # float32 sums: relative to the terms
+                assert abs(float(w[n].double() @ s) - float(want[n, j])) < 1e-6 * magnitude
