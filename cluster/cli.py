@@ -56,6 +56,8 @@ def cmd_bench(args) -> int:
         from cluster.bench_cluster import main as bench_main
     elif args.what == "balance":
         from cluster.bench_balance import main as bench_main
+    elif args.what == "sparse":
+        from cluster.bench_sparse import main as bench_main
     else:
         from cluster.bench_kernels import main as bench_main
     if args.out is None:
@@ -132,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["generate", "cluster", "balance", "kernels"])
+    p.add_argument("what", choices=["generate", "cluster", "balance", "sparse", "kernels"])
+    p.add_argument("--contexts", default=None, help="sparse: context lengths (default 512,...,16384)")
     p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
     p.add_argument("--batch-sizes", default="1,8,32")
     p.add_argument("--prompt-len", type=int, default=32)
