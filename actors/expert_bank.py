@@ -8,7 +8,6 @@ this actor already holds and reading only the others from the checkpoint (FP8 st
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 from model.config import ModelArgs
@@ -91,11 +90,4 @@ class ExpertBank:
             s = self.scales
             return kernels.moe.swiglu_fp8_sorted(x, offsets, w["gate_proj"], s["gate_proj"], w["up_proj"],
                                                  s["up_proj"], w["down_proj"], s["down_proj"]).to(x.dtype)
-        y = torch.empty(x.shape[0], w["down_proj"].shape[1], dtype=x.dtype, device=x.device)
-        bounds = offsets.tolist()
-        for slot in range(self.num_slots):
-            lo, hi = bounds[slot], bounds[slot + 1]
-            if hi > lo:
-                h = F.silu(F.linear(x[lo:hi], w["gate_proj"][slot])) * F.linear(x[lo:hi], w["up_proj"][slot])
-                y[lo:hi] = F.linear(h, w["down_proj"][slot])
-        return y
+        return kernels.moe.swiglu_sorted(x, offsets, w["gate_proj"], w["up_proj"], w["down_proj"])

@@ -65,20 +65,6 @@ class Gate(nn.Module):
         return Routing(weights * a.routed_scaling_factor, indices)
 
 
-def run_experts(x: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
-    """Sum of ``weight * expert(x)`` over each token's routed experts; ``experts[i]`` is a callable
-    for logical expert ``i`` (only the ones hit are called)."""
-    order, rows, offsets = sort_by_expert(routing.indices, len(experts))
-    y = torch.zeros_like(x, dtype=torch.float32)
-    w_sorted = routing.weights.flatten()[order]
-    bounds = offsets.tolist()
-    for e in range(len(experts)):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            y.index_add_(0, rows[lo:hi], experts[e](x[rows[lo:hi]]).float() * w_sorted[lo:hi, None])
-    return y.to(x.dtype)
-
-
 # (layer_id, x [T, hidden], routing) -> [T, hidden]: the weighted sum of each token's routed experts,
 # computed elsewhere (the cluster's expert actors)
 RoutedExperts = Callable[[int, torch.Tensor, Routing], torch.Tensor]
@@ -121,6 +107,14 @@ class MoE(nn.Module):
             self._stacked = tuple(parts)
         return self._stacked
 
+    def stacked(self) -> tuple[torch.Tensor, ...]:
+        """The routed experts' float weights stacked per projection: gate, up [E, inter, hidden] and
+        down [E, hidden, inter] (built once; the experts' own weights stay as loaded)."""
+        if self._stacked is None:
+            self._stacked = tuple(torch.stack([getattr(e, proj).weight for e in self.experts])
+                                  for proj in ("gate_proj", "up_proj", "down_proj"))
+        return self._stacked
+
     def reset_caches(self) -> None:
         self._stacked = None
 
@@ -131,7 +125,11 @@ class MoE(nn.Module):
         elif self.fp8:
             y = kernels.moe_fp8(x, routing.indices, routing.weights, *self.stacked_fp8())
         else:
-            y = run_experts(x, routing, self.experts)
+            order, rows, offsets = sort_by_expert(routing.indices, len(self.experts))
+            out = kernels.moe.swiglu_sorted(x[rows], offsets, *self.stacked())
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            y.index_add_(0, rows, out.float() * routing.weights.flatten()[order, None])
+            y = y.to(x.dtype)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
