@@ -184,10 +184,11 @@ class RayMoE:
         """Plan a placement for the recent load now and apply it live (the weights load in the
         background; every actor switches at one step boundary). Returns the placement version in
         force afterwards (unchanged when the current placement is already the best found)."""
-        result = ray.get(self.router.plan.remote(force=True), timeout=60)
-        if result.placement is None:
-            return self.placement.version
-        return self.engine.request_placement(result.placement).result(timeout)
+        with self._scale_lock:  # one change at a time: a scaling under way finishes first
+            result = ray.get(self.router.plan.remote(force=True), timeout=60)
+            if result.placement is None:
+                return self.placement.version
+            return self.engine.request_placement(result.placement).result(timeout)
 
     def scale_experts(self, n: int, timeout: float | None = 1800.0) -> int:
         """Run with ``n`` expert actors from a coming step boundary, while requests go on: new actors

@@ -196,7 +196,10 @@ class Engine:
         """One step: schedule, run, post-process."""
         placement, switch_to = None, None
         if self.switch is not None:
-            self.switch.tick(int(self.totals["steps"]), self)
+            try:
+                self.switch.tick(int(self.totals["steps"]), self)
+            except Exception as e:  # noqa: BLE001 - a failed policy decision is skipped, serving goes on
+                log.warning("placement policy failed: %s", e)
             try:
                 placement, switch_to = self.switch.before_step(self)
             except Exception as e:  # noqa: BLE001 - a failed regroup is a failed step

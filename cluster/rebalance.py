@@ -88,7 +88,9 @@ class PlacementSwitch:
             except Exception as e:  # noqa: BLE001 - a failed plan is skipped, serving goes on
                 log.warning("planning failed: %s", e)
                 return
-            if result.placement is not None and self.change is None:
+            stale = result.placement is not None and (result.placement.version != self.placement.version + 1
+                                                      or result.placement.num_actors != self.placement.num_actors)
+            if result.placement is not None and self.change is None and not self.scaling and not stale:
                 log.info("rebalancing: predicted max/mean %.3f -> %.3f, %d expert weights to load",
                          result.before, result.after, result.moved)
                 self.request(result.placement)
