@@ -21,10 +21,16 @@ def _read(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (the sockets are held together, so the OS cannot hand one out twice)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +41,7 @@ def ray_head():
         ray.shutdown()
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{bin_dir}:{os.environ['PATH']}")
-    port, dash = _free_port(), _free_port()
+    port, dash = _free_ports(2)  # once the same port came back twice: GCS and dashboard collided
     temp = tempfile.mkdtemp(prefix="rmh", dir="/tmp")
     proc = subprocess.Popen([str(bin_dir / "ray"), "start", "--head", "--block", f"--port={port}",
                              f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=8",
