@@ -212,11 +212,16 @@ class RayMoE:
         result = ray.get(self.router.plan.remote(force=True, num_actors=n, slots_per_actor=slots), timeout=60)
         placement = result.placement
         staying = self.engine.experts[:min(n, current.num_actors)]
-        new = self._plane.spawn_experts(range(current.num_actors, n), placement)
-        ready = [a.address.remote() for a in new]
+        new, future = [], None
         try:
-            version = self.engine.request_placement(placement, staying + new, ready).result(timeout)
-        except Exception:
+            for i in range(current.num_actors, n):  # one at a time: a failure keeps what to clean up
+                new += self._plane.spawn_experts([i], placement)
+            ready = [a.address.remote() for a in new]
+            future = self.engine.request_placement(placement, staying + new, ready, new_actors=new)
+            version = future.result(timeout)
+        except Exception as e:
+            if future is not None:
+                self.engine.abort_placement(future, f"scaling to {n} expert actors failed: {e}")
             for a in new:
                 ray.kill(a, no_restart=True)
             self._plane.release_experts_from(current.num_actors)
@@ -260,6 +265,9 @@ class RayMoE:
         the layout in force."""
         return {"model": self.model_dir.name, "model_dir": str(self.model_dir), "model_type": self.args.model_type,
                 "n_routed_experts": self.args.n_routed_experts, "max_context": self.args.max_position_embeddings,
+                # the longest sequence (prompt + output) one attention shard's cache can hold
+                "max_sequence_tokens": min(self.args.max_position_embeddings,
+                                           self.layout.num_blocks * self.layout.block_size),
                 "attention_shards": self.layout.attention_shards, "expert_actors": len(self.experts),
                 "has_tokenizer": self.tokenizer is not None, "started_at": self.started_at}
 

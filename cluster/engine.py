@@ -133,6 +133,8 @@ class Engine:
         with self._cv:
             self._stopping = True
             self._fail_all("the engine stopped")
+            if self.switch is not None:
+                self.switch.abort("the engine stopped", self.experts)
             self._cv.notify_all()
         if timeout:
             self._thread.join(timeout=timeout)
@@ -182,12 +184,22 @@ class Engine:
     def _switch_busy(self) -> bool:
         return self.switch is not None and self.switch.busy
 
-    def request_placement(self, placement, experts: list | None = None, ready_refs: list | None = None):
+    def abort_placement(self, future, error: str) -> None:
+        """Drop the change ``future`` belongs to, if it is still pending (its caller gave up)."""
+        with self._cv:
+            if self.switch is not None and self.switch.change is not None and self.switch.change.future is future:
+                self.switch.abort(error, self.experts)
+
+    def request_placement(self, placement, experts: list | None = None, ready_refs: list | None = None,
+                          new_actors: list | None = None):
         """Apply ``placement`` at a coming step boundary (``experts``: the new expert actor list when
         scaling); returns a ``Future`` of the version, set once every actor has switched."""
         with self._cv:
             if self.health != HEALTHY:
                 raise ClusterUnavailable(f"the cluster is {self.health}; try again when it is healthy")
+            if experts is not None and any(e not in self.experts and e not in (new_actors or []) for e in experts):
+                raise RuntimeError("the expert actors changed while this change was prepared (a recovery); "
+                                   "try again")
             future = self.switch.request(placement, experts, ready_refs)
             self._cv.notify()
             return future

@@ -90,10 +90,11 @@ class PlacementSwitch:
                 return
             stale = result.placement is not None and (result.placement.version != self.placement.version + 1
                                                       or result.placement.num_actors != self.placement.num_actors)
-            if result.placement is not None and self.change is None and not self.scaling and not stale:
-                log.info("rebalancing: predicted max/mean %.3f -> %.3f, %d expert weights to load",
-                         result.before, result.after, result.moved)
-                self.request(result.placement)
+            with engine._cv:  # user threads request changes under the same lock
+                if result.placement is not None and self.change is None and not self.scaling and not stale:
+                    log.info("rebalancing: predicted max/mean %.3f -> %.3f, %d expert weights to load",
+                             result.before, result.after, result.moved)
+                    self.request(result.placement)
             return
         if self.change is None and steps - self._last_plan_step >= self.balance.every_steps:
             self._last_plan_step = steps
@@ -140,7 +141,11 @@ class PlacementSwitch:
             ready, _ = ray.wait(c.ready_refs, num_returns=len(c.ready_refs), timeout=0)
             if len(ready) < len(c.ready_refs):
                 return None, None
-            ray.get(ready)  # a new actor that failed to start fails the change here
+            try:
+                ray.get(ready)
+            except Exception as e:  # noqa: BLE001 - a new actor that failed to start fails the change, not the step
+                self.abort(f"a new expert actor failed to start: {e}", engine.experts)
+                return None, None
         t0 = time.perf_counter()
         engine.regroup(c.experts, c.placement)  # a failure here is a failed step: the engine recovers
         self.switch_steps.append(time.perf_counter() - t0)

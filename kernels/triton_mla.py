@@ -105,8 +105,9 @@ def _mla_sparse_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, slots_ptr, out_ptr, H, R,
         s = tl.dot(q, tl.trans(kv)).to(tl.float32) + tl.dot(qpe, tl.trans(pe)).to(tl.float32)
         s = tl.where(n_mask[None, :], s * scale, float("-inf"))  # [BH, BN]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid slot yet: no NaN
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
         m_i = m_new
@@ -119,7 +120,8 @@ def mla_sparse(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_pool: torch.Tensor, p
                slots: torch.Tensor, softmax_scale: float) -> torch.Tensor:
     """Sparse absorbed MLA over each row's own cache slots; same signature as
     ``kernels.reference.mla_sparse``. A block of selected slots whose first entries are all -1
-    contributes nothing (its scores are -inf); every row has at least one valid slot."""
+    contributes nothing (its scores are -inf), wherever it is in the row; every row has at least one
+    valid slot."""
     n, h, r = q_lat.shape
     p = q_pe.shape[-1]
     k = slots.shape[1]

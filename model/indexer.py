@@ -68,7 +68,8 @@ class Indexer(nn.Module):
         self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, dtype=dtype, fp8_block=fp8_block)
         self.wk = Linear(args.hidden_size, self.head_dim, dtype=dtype, fp8_block=fp8_block)
         self.k_norm = LayerNorm(self.head_dim, 1e-6, dtype)
-        self.weights_proj = Linear(args.hidden_size, self.n_heads, dtype=dtype)  # never FP8 (as DeepSeek ships)
+        # never FP8, and float32 whatever the model dtype (as transformers keeps it): it weighs the heads
+        self.weights_proj = Linear(args.hidden_size, self.n_heads, dtype=torch.float32)
         self.fp8 = args.index_fp8
         self.scale_fmt = args.quant.scale_fmt if args.quant else None
         if self.fp8 and self.head_dim & (self.head_dim - 1):
@@ -115,7 +116,7 @@ class Indexer(nn.Module):
             scales_cache[meta.slot_mapping] = k_scale
         else:
             keys_cache[meta.slot_mapping] = k.to(keys_cache.dtype)
-        weights = self.weights_proj(x).float() * (self.n_heads ** -0.5 * self.softmax_scale)  # [T, H]
+        weights = self.weights_proj(x.float()) * (self.n_heads ** -0.5 * self.softmax_scale)  # [T, H]
         masks: list[torch.Tensor | None] = []
         for i, slots in enumerate(meta.context_slots):
             qs, qe = meta.query_starts[i], meta.query_starts[i + 1]

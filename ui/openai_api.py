@@ -6,7 +6,8 @@ value gets OpenAI's error shape ``{"error": {"message", "type", "param", "code"}
 a missing or wrong key 401, an unknown model 404, a cluster that cannot serve 503.
 
 Semantics, where OpenAI leaves room:
-- ``max_tokens`` / ``max_completion_tokens`` default to the rest of the model's context;
+- ``max_tokens`` / ``max_completion_tokens`` default to the rest of the longest sequence the cluster
+  holds (the model's context, or less when a shard's cache is smaller: ``max_model_len``);
 - ``n`` > 1 with a ``seed`` gives choice ``i`` the seed ``seed + i`` (so the choices differ);
 - ``top_k`` is an extension (0 or -1: off); ``logprobs`` on ``/v1/completions`` takes 0..20;
 - a client that goes away (a closed stream, a dropped connection) cancels its requests.
@@ -57,7 +58,10 @@ def _get(body: dict, key: str, kind, default=None, *, lo=None, hi=None, nullable
     if kind is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:  # an integer too large for a float
+            ok = False
     else:
         ok = isinstance(value, kind)
     if not ok:
@@ -73,7 +77,7 @@ class OpenAIServer:
         self.llm, self.api_key = llm, api_key or None
         info = llm.describe()
         self.model_name = model_name or info["model"]
-        self.max_context = info["max_context"]
+        self.max_context = info.get("max_sequence_tokens", info["max_context"])
         self.created = int(info["started_at"])
 
     # plumbing
@@ -88,8 +92,8 @@ class OpenAIServer:
     async def _body(self, request: Request) -> dict:
         try:
             body = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            raise APIError(400, "The request body is not valid JSON") from None
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            raise APIError(400, "The request body is not valid JSON (or nested too deeply)") from None
         if not isinstance(body, dict):
             raise APIError(400, "The request body must be a JSON object")
         model = body.get("model")
@@ -112,9 +116,10 @@ class OpenAIServer:
         for key in ("presence_penalty", "frequency_penalty"):
             if _get(body, key, float, 0.0, lo=-2, hi=2) != 0:
                 raise _bad(key, f"'{key}' is not supported by this server; leave it at 0")
-        if body.get("best_of") not in (None, 1) or body.get("echo") or body.get("suffix"):
-            key = next(k for k in ("best_of", "echo", "suffix") if body.get(k) not in (None, 1, False, ""))
-            raise _bad(key, f"'{key}' is not supported by this server")
+        for key, fine in (("best_of", lambda v: v is None or (v == 1 and not isinstance(v, bool))),
+                          ("echo", lambda v: v is None or v is False), ("suffix", lambda v: v is None or v == "")):
+            if not fine(body.get(key)):
+                raise _bad(key, f"'{key}' is not supported by this server")
         room = self.max_context - prompt_len
         if room < 1:
             raise _bad("messages" if chat else "prompt",
@@ -124,8 +129,8 @@ class OpenAIServer:
         for key in keys:
             max_tokens = _get(body, key, int, None, lo=1) if max_tokens is None else max_tokens
         if max_tokens is not None and max_tokens > room:
-            raise _bad(keys[-1], f"max_tokens {max_tokens} + the prompt's {prompt_len} tokens exceed the model's "
-                                 f"context of {self.max_context}; ask for at most {room}")
+            raise _bad(keys[-1], f"max_tokens {max_tokens} + the prompt's {prompt_len} tokens exceed the "
+                                 f"{self.max_context} tokens a sequence may hold here; ask for at most {room}")
         temperature = _get(body, "temperature", float, 1.0, lo=0, hi=2)
         top_p = _get(body, "top_p", float, 1.0, lo=0, hi=1)
         if top_p == 0:
@@ -285,7 +290,8 @@ class OpenAIServer:
             return e.response()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         if stream:
-            return StreamingResponse(self._sse(rid, ids, len(prompt_ids), chat, top, want, usage),
+            return _CancellingStream(self._sse(rid, ids, len(prompt_ids), chat, top, want, usage),
+                                     on_close=lambda: [self.llm.cancel(i) for i in ids],
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._whole(request, rid, ids, len(prompt_ids), chat, top, want)
 
@@ -293,14 +299,17 @@ class OpenAIServer:
                      want: bool):
         queue, _ = self._events(ids)
         results = [None] * len(ids)
+        checked = time.monotonic()
         try:
             while any(r is None for r in results):
-                try:
-                    index, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
-                except TimeoutError:
+                if time.monotonic() - checked > 0.5:  # every half second, however fast tokens come
+                    checked = time.monotonic()
                     if await request.is_disconnected():  # the client went away: cancel (finally, below)
                         return JSONResponse({"error": {"message": "client disconnected", "type": "cancelled",
                                                        "param": None, "code": None}}, status_code=499)
+                try:
+                    index, ev = await asyncio.wait_for(queue.get(), timeout=0.5)
+                except TimeoutError:
                     continue
                 if isinstance(ev, Exception):
                     raise APIError(500, f"The request failed in the cluster: {ev}", type_="server_error")
@@ -381,6 +390,21 @@ class OpenAIServer:
             for i, d in zip(ids, done, strict=True):
                 if not d:
                     self.llm.cancel(i)
+
+
+class _CancellingStream(StreamingResponse):
+    """A stream whose requests are cancelled however the response ends, also when the client is gone
+    before the body starts (the body generator's own ``finally`` never runs then)."""
+
+    def __init__(self, content, on_close, **kwargs):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()  # cancelling a finished request does nothing
 
 
 def openai_routes(llm, model_name: str | None = None, api_key: str | None = None) -> list:

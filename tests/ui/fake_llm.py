@@ -35,9 +35,13 @@ class FakeLLM:
         return {"shards": [], "totals": {}, "tokens_per_s": 0.0, "ttft_s": None, "tpot_s": None, "preemptions": 0,
                 "expert_load": {}, "placement_version": 0, "experts": []}
 
+    def encode(self, prompt) -> list[int]:
+        return [5] * (len(str(prompt)) // 4 + 1)
+
     def describe(self) -> dict:
         return {"model": self.model_dir.name, "model_dir": str(self.model_dir), "model_type": "deepseek_v3",
-                "n_routed_experts": 8, "max_context": 4096, "attention_shards": 1, "expert_actors": 2,
+                "n_routed_experts": 8, "max_context": 4096, "max_sequence_tokens": 4096,
+                "attention_shards": 1, "expert_actors": 2,
                 "has_tokenizer": True, "started_at": 0.0}
 
     def health(self) -> dict:

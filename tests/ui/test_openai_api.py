@@ -173,3 +173,27 @@ def test_unhealthy_cluster_is_503_and_no_key_means_open():
     assert app.get("/health").status_code == 503
     r = app.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES})
     assert r.status_code == 503 and "no node can take the actors" in r.json()["error"]["message"]
+
+
+def test_limits_and_unsupported_values_without_a_cluster():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from tests.ui.fake_llm import FakeLLM
+    from ui.openai_api import openai_routes
+
+    class Small(FakeLLM):  # a shard cache that holds 100 tokens per sequence
+        def describe(self):
+            return {**super().describe(), "max_sequence_tokens": 100}
+
+    app = TestClient(FastAPI(routes=openai_routes(Small())))
+    assert app.get("/v1/models").json()["data"][0]["max_model_len"] == 100
+    body = {"model": "tiny", "prompt": "Hello"}
+    r = app.post("/v1/completions", json={**body, "max_tokens": 200})
+    assert r.status_code == 400 and "100 tokens a sequence may hold" in r.json()["error"]["message"]
+    for bad, param in (({"echo": True}, "echo"), ({"best_of": 2}, "best_of"), ({"suffix": "x"}, "suffix"),
+                       ({"temperature": 10**400}, "temperature")):
+        r = app.post("/v1/completions", json={**body, **bad})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+    r = app.post("/v1/completions", content=b"[" * 100000 + b"]" * 100000)
+    assert r.status_code in (400, 401, 404) and "error" in r.json()
