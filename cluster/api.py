@@ -185,6 +185,7 @@ class RayMoE:
         background; every actor switches at one step boundary). Returns the placement version in
         force afterwards (unchanged when the current placement is already the best found)."""
         with self._scale_lock:  # one change at a time: a scaling under way finishes first
+            self._wait_for_no_change(timeout)  # and so does an automatic rebalance
             result = ray.get(self.router.plan.remote(force=True), timeout=60)
             if result.placement is None:
                 return self.placement.version
@@ -204,7 +205,15 @@ class RayMoE:
             finally:
                 self.engine.switch.scaling = False
 
+    def _wait_for_no_change(self, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.engine.switch.busy:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("a placement change under way did not finish in time")
+            time.sleep(0.05)
+
     def _scale(self, n: int, timeout: float | None) -> int:
+        self._wait_for_no_change(timeout)
         current = self.placement
         if n == current.num_actors:
             return current.version

@@ -275,8 +275,8 @@ class OpenAIServer:
                         isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
                     raise _bad("prompt", "'prompt' must be a string (or one list of token ids); "
                                          "send several prompts as several requests")
-            try:
-                prompt_ids = self.llm.encode(prompt)
+            try:  # tokenising a long prompt takes a while: off the event loop
+                prompt_ids = await asyncio.to_thread(self.llm.encode, prompt)
             except ValueError as e:
                 raise _bad("messages" if chat else "prompt", str(e)) from None
             params, top, want = self._params(body, len(prompt_ids), chat)
@@ -285,7 +285,7 @@ class OpenAIServer:
             if not isinstance(options, dict):
                 raise _bad("stream_options", "'stream_options' must be an object")
             usage = _get(options, "include_usage", bool, False)
-            ids = self._submit(prompt_ids, params)
+            ids = await asyncio.to_thread(self._submit, prompt_ids, params)  # takes the engine's lock
         except APIError as e:
             return e.response()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
