@@ -72,27 +72,35 @@ class ExpertGroup:
         """Start loading the banks of ``placement`` for this actor (``actor_index``: its index in that
         placement, when scaling renumbers actors) in the background; returns at once."""
         index = self.actor_index if actor_index is None else actor_index
-        if self._staging is not None:
-            self._staging.join()
+        if self._staging is not None:  # an abandoned staging stops at its next layer; never waited for here
+            self._staging.cancelled.set()
         self._staged, self._stage_error = None, None
         self._staging = threading.Thread(target=self._stage, args=(placement, index), daemon=True,
                                          name=f"stage-v{placement.version}")
+        self._staging.cancelled = threading.Event()
         self._staging.start()
 
     def _stage(self, placement: Placement, index: int) -> None:
+        me = threading.current_thread()
         try:
-            self._stage_banks(placement, index)
+            staged = self._stage_banks(placement, index, me.cancelled)
         except Exception as e:  # noqa: BLE001 - reported in the next step's output; the change is aborted
-            self._stage_error = f"{type(e).__name__}: {e}"
+            if not me.cancelled.is_set():
+                self._stage_error = f"{type(e).__name__}: {e}"
+            return
+        if staged is not None and not me.cancelled.is_set():
+            self._staged = staged
 
-    def _stage_banks(self, placement: Placement, index: int) -> None:
+    def _stage_banks(self, placement: Placement, index: int, cancelled: threading.Event):
         t0 = time.perf_counter()
         banks, read = {}, 0
         with torch.inference_mode():
             for layer, logical in placement.slot_contents(index).items():
+                if cancelled.is_set():
+                    return None
                 banks[layer], n = self.banks[layer].restaged(self.reader, layer, logical)
                 read += n
-        self._staged = (placement.version, banks, {"experts_read": read, "seconds": time.perf_counter() - t0})
+        return placement.version, banks, {"experts_read": read, "seconds": time.perf_counter() - t0}
 
     def staged_version(self) -> int | None:
         return self._staged[0] if self._staged is not None else None
