@@ -98,6 +98,11 @@ class Router:
         for layer, counts in load.items():
             self.total[layer] = [a + b for a, b in zip(self.total[layer], counts, strict=True)]
 
+    def record_idle_step(self, num_actors: int) -> None:
+        """An idle second counts as a step in which no expert actor computed a row."""
+        if num_actors == self.placement.num_actors:
+            self.actor_rows.append([0] * num_actors)
+
     def record_expert_rows(self, rows: list[int], totals: list[int]) -> None:
         """Rows each expert actor computed in one step, and since it started."""
         self.actor_rows.append(rows)

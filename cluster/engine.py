@@ -72,6 +72,7 @@ class Engine:
         self.max_rebuild_attempts = max_rebuild_attempts
         self.backoff_s = backoff_s
         self.switch, self._regroup = switch, regroup
+        self._idle_ticks = 0  # seconds spent idle with an autoscale policy (they count as steps for it)
         self.health, self.health_error = HEALTHY, None
         self._step_failures = 0  # consecutive
         self.requests: dict[int, Request] = {}
@@ -166,13 +167,24 @@ class Engine:
     # the loop
     def _loop(self) -> None:
         while True:
+            idle = False
             with self._cv:
                 while not self._stopping and not self._cancel and not self.scheduler.has_work() \
                         and not self._switch_busy():
-                    self._cv.wait()
+                    if self.switch is not None and self.switch.autoscale is not None:
+                        # an idle cluster still gets autoscaling decisions (it scales in), once a second
+                        if not self._cv.wait(timeout=1.0):
+                            idle = True
+                            break
+                    else:
+                        self._cv.wait()
                 if self._stopping:
                     break
             try:
+                if idle:
+                    self._idle_ticks += 1
+                    self.switch.idle_tick(int(self.totals["steps"]) + self._idle_ticks)
+                    continue
                 self._iteration()
             except Exception as e:  # noqa: BLE001 - a bug outside the step must end requests, never hang them
                 log.exception("engine iteration failed")
@@ -209,7 +221,7 @@ class Engine:
         placement, switch_to = None, None
         if self.switch is not None:
             try:
-                self.switch.tick(int(self.totals["steps"]), self)
+                self.switch.tick(int(self.totals["steps"]) + self._idle_ticks, self)
             except Exception as e:  # noqa: BLE001 - a failed policy decision is skipped, serving goes on
                 log.warning("placement policy failed: %s", e)
             try:

@@ -101,6 +101,15 @@ class PlacementSwitch:
             self._plan_ref = self.router.plan.remote(min_gain=self.balance.min_gain,
                                                      window_steps=self.balance.window_steps)
 
+    def idle_tick(self, steps: int) -> None:
+        """The engine is idle: the autoscale window sees a step with no rows on any expert actor, and
+        the policy is asked as after a step (so a cluster that stopped getting traffic scales in)."""
+        if self.autoscale is None:
+            return
+        n = self.placement.num_actors
+        self.router.record_idle_step.remote(n)
+        self._tick_autoscale(steps)
+
     def _tick_autoscale(self, steps: int) -> None:
         if self.autoscale is None or self.scale is None:
             return

@@ -112,7 +112,7 @@ def test_scale_experts_out_and_in_with_requests_in_flight(ray_local, skewed_dir,
     assert [r.output_ids for r in again] == [r.output_ids for r in expected[:2]]
 
 
-def test_autoscale_policy_adds_an_actor_under_load(ray_local, skewed_dir, expected):
+def test_autoscale_policy_adds_an_actor_under_load_and_removes_it_when_idle(ray_local, skewed_dir, expected):
     autoscale = {"min_expert_actors": 2, "max_expert_actors": 3, "scale_out_rows": 1, "scale_in_rows": 0.5,
                  "window_steps": 4, "cooldown_steps": 4}
     with RayMoE.start(skewed_dir, attention_shards=1, expert_actors=2, spare_slots=1, dtype="float32",
@@ -122,8 +122,15 @@ def test_autoscale_policy_adds_an_actor_under_load(ray_local, skewed_dir, expect
         while time.time() < deadline and llm.placement.num_actors < 3:
             llm.generate(WARM[:2], [WARM_PARAMS] * 2)
         n = llm.placement.num_actors
-    assert n == 3
+        # no traffic: idle seconds count as steps with no rows, and the cluster scales back in
+        deadline = time.time() + 120
+        while time.time() < deadline and llm.placement.num_actors > 2:
+            time.sleep(0.5)
+        n_idle = (llm.placement.num_actors, len(llm.experts))
+        again = llm.generate(PROMPTS[:2], PARAMS[:2])
+    assert n == 3 and n_idle == (2, 2)
     assert [r.output_ids for r in results] == [r.output_ids for r in expected]
+    assert [r.output_ids for r in again] == [r.output_ids for r in expected[:2]]
 
 
 def test_rebalance_and_scaling_refuse_bad_requests(ray_local, skewed_dir):
