@@ -83,9 +83,9 @@ def run_one(path, shards: int, experts: int, spare: int, dtype: str, prompts, pa
             t0 = time.perf_counter()
             llm.engine.request_placement(plan.placement).result(600)
             switch["seconds"] = time.perf_counter() - t0
-            during = [s for _, s in list(llm.engine.step_seconds)[mark:]]
+            during = list(llm.engine.step_seconds)[mark:]
             load.join()
-            steps = [s for _, s in list(llm.engine.step_seconds)[mark:]]
+            steps = list(llm.engine.step_seconds)[mark:]
             switch.update(moved=_moved(old, llm.placement), longest_step_ms=1e3 * max(during),
                           median_step_ms=1e3 * statistics.median(steps))
         tok_after, ratio_after = _measure(llm, prompts, params)

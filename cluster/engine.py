@@ -85,7 +85,7 @@ class Engine:
         self.recent: deque[tuple[float, int]] = deque(maxlen=200)  # (time, tokens generated) per step
         self.ttft: deque[float] = deque(maxlen=1000)  # the latest, for stats
         self.tpot: deque[float] = deque(maxlen=1000)
-        self.step_seconds: deque[tuple[int, float]] = deque(maxlen=4096)  # (rows scheduled, seconds) per step
+        self.step_seconds: deque[float] = deque(maxlen=4096)  # the latest steps' durations
         self._new_ttft: list[float] = []  # since the last report to the router
         self._new_tpot: list[float] = []
         self._finished_reasons: dict[str, int] = defaultdict(int)  # since the last report to the router
@@ -250,9 +250,10 @@ class Engine:
             self._step_failed(e)
             return
         self._step_failures = 0
-        self.step_seconds.append((sum(len(c.tokens) for p in plans for c in p.chunks), time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        self.step_seconds.append(seconds)
         if self.switch is not None:
-            self.switch.after_step(self.experts, expert_outputs, switch_to, time.perf_counter() - t0)
+            self.switch.after_step(self.experts, expert_outputs, switch_to, seconds)
         with self._cv:
             self._post_process(chunks, outputs, expert_outputs)
 

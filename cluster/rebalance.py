@@ -79,14 +79,8 @@ class PlacementSwitch:
         if self.balance is None or not self.balance.every_steps:
             return
         if self._plan_ref is not None:
-            ready, _ = ray.wait([self._plan_ref], timeout=0)
-            if not ready:
-                return
-            ref, self._plan_ref = self._plan_ref, None
-            try:
-                result = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - a failed plan is skipped, serving goes on
-                log.warning("planning failed: %s", e)
+            result = self._answer("_plan_ref", "planning")
+            if result is None:
                 return
             stale = result.placement is not None and (result.placement.version != self.placement.version + 1
                                                       or result.placement.num_actors != self.placement.num_actors)
@@ -101,6 +95,20 @@ class PlacementSwitch:
             self._plan_ref = self.router.plan.remote(min_gain=self.balance.min_gain,
                                                      window_steps=self.balance.window_steps)
 
+    def _answer(self, attr: str, what: str):
+        """The router's answer to the call held in ``self.<attr>``, without waiting: ``None`` while it
+        is not back; once back the ref is cleared and the value returned, or ``None`` when the call
+        failed (logged: a failed decision is skipped, serving goes on)."""
+        ref = getattr(self, attr)
+        if not ray.wait([ref], timeout=0)[0]:
+            return None
+        setattr(self, attr, None)
+        try:
+            return ray.get(ref)
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s failed: %s", what, e)
+            return None
+
     def idle_tick(self, steps: int) -> None:
         """The engine is idle: the autoscale window sees a step with no rows on any expert actor, and
         the policy is asked as after a step (so a cluster that stopped getting traffic scales in)."""
@@ -114,17 +122,10 @@ class PlacementSwitch:
         if self.autoscale is None or self.scale is None:
             return
         if self._scale_ref is not None:
-            ready, _ = ray.wait([self._scale_ref], timeout=0)
-            if ready:
-                ref, self._scale_ref = self._scale_ref, None
-                try:
-                    target = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - a failed decision is skipped, serving goes on
-                    log.warning("autoscaling decision failed: %s", e)
-                    return
-                if target != self.placement.num_actors and self.change is None and not self.scaling:
-                    log.info("autoscaling the expert actors: %d -> %d", self.placement.num_actors, target)
-                    self.scale(target)
+            target = self._answer("_scale_ref", "autoscaling decision")
+            if target not in (None, self.placement.num_actors) and self.change is None and not self.scaling:
+                log.info("autoscaling the expert actors: %d -> %d", self.placement.num_actors, target)
+                self.scale(target)
             return
         if steps - self._last_scale_step >= max(1, self.autoscale.cooldown_steps) and not self.scaling:
             self._last_scale_step = steps

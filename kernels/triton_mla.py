@@ -13,6 +13,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc):
+    """One block of keys [BN] into the running max ``m_i``, sum ``l_i`` and output ``acc`` of the
+    heads [BH]; a block whose keys are all masked (``n_mask`` false) changes nothing, even first."""
+    s = tl.dot(q, tl.trans(kv)).to(tl.float32) + tl.dot(qpe, tl.trans(pe)).to(tl.float32)
+    s = tl.where(n_mask[None, :], s * scale, float("-inf"))  # [BH, BN]
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: exp(-inf) = 0, not NaN
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
+
+
+@triton.jit
 def _mla_decode_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, bt_ptr, lens_ptr, out_ptr,
                        H, R, P, bt_stride, block_size, scale,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -41,14 +54,7 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, bt_ptr, lens_ptr, out_ptr
                      other=0.0)  # [BN, R]
         pe = tl.load(pe_ptr + slot[:, None] * P + rp[None, :], mask=n_mask[:, None] & p_mask[None, :],
                      other=0.0)  # [BN, P]
-        s = tl.dot(q, tl.trans(kv)).to(tl.float32) + tl.dot(qpe, tl.trans(pe)).to(tl.float32)
-        s = tl.where(n_mask[None, :], s * scale, float("-inf"))  # [BH, BN]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (b * H + heads[:, None]) * R + rr[None, :], out.to(out_ptr.dtype.element_ty),
              mask=h_mask[:, None] & r_mask[None, :])
@@ -102,15 +108,7 @@ def _mla_sparse_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, slots_ptr, out_ptr, H, R,
                      other=0.0)  # [BN, R]
         pe = tl.load(pe_ptr + slot[:, None] * P + rp[None, :], mask=n_mask[:, None] & p_mask[None, :],
                      other=0.0)  # [BN, P]
-        s = tl.dot(q, tl.trans(kv)).to(tl.float32) + tl.dot(qpe, tl.trans(pe)).to(tl.float32)
-        s = tl.where(n_mask[None, :], s * scale, float("-inf"))  # [BH, BN]
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a block with no valid slot yet: no NaN
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (n * H + heads[:, None]) * R + rr[None, :], out.to(out_ptr.dtype.element_ty),
              mask=h_mask[:, None] & r_mask[None, :])

@@ -19,7 +19,7 @@ from torch import nn
 
 import kernels
 from model.config import ModelArgs
-from model.indexer import Indexer
+from model.indexer import Indexer, causal_past, whole_past
 from model.layers import Linear, RMSNorm
 from model.rope import apply_rotary
 
@@ -148,14 +148,8 @@ class MLA(nn.Module):
             qs, qe = meta.query_starts[i], meta.query_starts[i + 1]
             if qe == qs:
                 continue
-            sel = selections[i]
-            if sel is None:  # context <= topk: the causal past of each query
-                s_len = len(slots)
-                pos = torch.arange(s_len, device=slots.device)
-                q_pos = torch.arange(s_len - (qe - qs), s_len, device=slots.device)[:, None]
-                out[qs:qe, :s_len] = torch.where(pos[None, :] <= q_pos, slots[None, :], -1)
-            else:
-                out[qs:qe, :sel.index.shape[1]] = torch.where(sel.valid, slots[sel.index], -1)
+            sel = selections[i] or whole_past(qe - qs, len(slots), slots.device)  # None: context <= topk
+            out[qs:qe, :sel.index.shape[1]] = torch.where(sel.valid, slots[sel.index], -1)
         return out
 
     @staticmethod
@@ -165,26 +159,23 @@ class MLA(nn.Module):
             qs, qe = meta.query_starts[i], meta.query_starts[i + 1]
             if qe == qs:
                 continue
-            o = attend(q_a[qs:qe], q_pe[qs:qe], kv_cache[slots].to(q_a.dtype), pe_cache[slots].to(q_a.dtype),
-                       None if masks is None else masks[i])  # masks[i]: the indexer's Selection
+            args = (q_a[qs:qe], q_pe[qs:qe], kv_cache[slots].to(q_a.dtype), pe_cache[slots].to(q_a.dtype))
+            o = attend(*args) if masks is None else attend(*args, masks[i])  # masks[i]: the indexer's Selection
             if out is None:
                 out = q_a.new_zeros(q_a.shape[0], *o.shape[1:])
             out[qs:qe] = o
         return out if out is not None else q_a.new_zeros(q_a.shape[0], q_a.shape[1], 0)
 
     def _causal_softmax(self, scores: torch.Tensor, selected: torch.Tensor | None = None) -> torch.Tensor:
-        # scores [q, H, s]: query i sits at position s - q + i and sees keys 0..s-q+i
-        # (and of those, with the indexer, only the ``selected`` [q, s] ones)
-        q_len, s_len = scores.shape[0], scores.shape[-1]
-        q_pos = torch.arange(s_len - q_len, s_len, device=scores.device)[:, None, None]
-        k_pos = torch.arange(s_len, device=scores.device)[None, None, :]
-        hidden = k_pos > q_pos
+        # scores [q, H, s]: each query sees its causal past (and of it, with the indexer, only the
+        # ``selected`` [q, s] keys)
+        visible = causal_past(scores.shape[0], scores.shape[-1], scores.device)
         if selected is not None:
-            hidden = hidden | ~selected[:, None, :]
-        scores = scores.float().masked_fill(hidden, float("-inf"))
+            visible = visible & selected
+        scores = scores.float().masked_fill(~visible[:, None, :], float("-inf"))
         return scores.softmax(dim=-1)
 
-    def _attend_latent(self, q_lat, q_pe, ctx_kv, ctx_pe, selected=None):
+    def _attend_latent(self, q_lat, q_pe, ctx_kv, ctx_pe):
         """Absorbed form, dense: [q, H, r] queries against [s, r] latents -> [q, H, r] latent outputs
         (with the indexer, the absorbed path reads only the selected slots: ``kernels.mla_sparse``)."""
         scores = (torch.einsum("qhc,sc->qhs", q_lat, ctx_kv)

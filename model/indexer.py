@@ -143,11 +143,21 @@ class Selection(NamedTuple):
         return m.scatter_(1, self.index, self.valid)
 
 
+def causal_past(q_len: int, s_len: int, device) -> torch.Tensor:
+    """[q, s] bool: for the queries at the last ``q`` positions of an ``s``-token context, the keys
+    each may see (query ``i`` sits at position ``s - q + i`` and sees keys ``0..s-q+i``)."""
+    q_pos = torch.arange(s_len - q_len, s_len, device=device)[:, None]
+    return torch.arange(s_len, device=device)[None, :] <= q_pos
+
+
+def whole_past(q_len: int, s_len: int, device) -> Selection:
+    """Every key of each query's causal past (a context no longer than ``index_topk``)."""
+    return Selection(torch.arange(s_len, device=device).expand(q_len, -1), causal_past(q_len, s_len, device))
+
+
 def select_topk(index: torch.Tensor, topk: int) -> Selection:
     """Scores [q, s] of the queries at the last ``q`` positions of an ``s``-token context -> each
     query's ``topk`` best keys among its causal past (all of them when fewer)."""
-    q_len, s_len = index.shape
-    q_pos = torch.arange(s_len - q_len, s_len, device=index.device)[:, None]
-    future = torch.arange(s_len, device=index.device)[None, :] > q_pos
-    best = index.masked_fill(future, float("-inf")).topk(min(topk, s_len), dim=-1).indices
-    return Selection(best, best <= q_pos)
+    past = causal_past(*index.shape, index.device)
+    best = index.masked_fill(~past, float("-inf")).topk(min(topk, index.shape[1]), dim=-1).indices
+    return Selection(best, past.gather(1, best))

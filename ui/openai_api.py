@@ -200,7 +200,9 @@ class OpenAIServer:
     def _logprobs(self, result, top: int, chat: bool, offset0: int = 0):
         ids = result.output_ids[:len(result.token_logprobs)]
         texts = self.llm.token_texts(ids)
-        alts = [[(self.llm.token_texts([int(i)])[0], lp) for i, lp in alt[:top]] for alt in result.top_logprobs]
+        alt_ids = [[int(i) for i, _ in alt[:top]] for alt in result.top_logprobs]
+        flat = iter(self.llm.token_texts([i for row in alt_ids for i in row]))  # one call for every alternative
+        alts = [[(next(flat), lp) for _, lp in alt[:top]] for alt in result.top_logprobs]
         if chat:
             return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", "replace")),
                                  "top_logprobs": [{"token": at, "logprob": alp, "bytes": list(at.encode("utf-8",
