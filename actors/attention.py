@@ -19,20 +19,23 @@ from actors.placement import Placement, RoutingTable
 from model.cache import MLACache
 from model.checkpoint import load_model
 from model.generate import DTYPES
-from model.sampling import SamplingParams, position_generator, sample
+from model.sampling import SamplingParams
+from model.speculative import ChunkWork, mtp_cache_layers, run_chunks
 
 
 class AttentionShard:
     """The shard's logic, usable without Ray (the actor below wraps it)."""
 
     def __init__(self, model_dir: str, dtype: str, num_blocks: int, block_size: int, torch_threads: int = 1,
-                 device: str = "cpu", index_fp8: bool = False):
+                 device: str = "cpu", index_fp8: bool = False, mtp: bool = False):
+        """``mtp``: load the MTP layer (its routed experts run here) for speculative decoding."""
         torch.set_num_threads(torch_threads)
         self.device = device
-        self.model = load_model(model_dir, DTYPES[dtype], device, with_mtp=False, progress=False,
+        self.model = load_model(model_dir, DTYPES[dtype], device, with_mtp=mtp, progress=False,
                                 routed_experts=self._routed_experts, index_fp8=index_fp8)
         self.args = self.model.args
-        self.cache = MLACache(self.args, self.args.num_hidden_layers, num_blocks, block_size, DTYPES[dtype],
+        self.block_size = block_size
+        self.cache = MLACache(self.args, mtp_cache_layers(self.model), num_blocks, block_size, DTYPES[dtype],
                               device)
         self.samplers: dict[int, SamplingParams] = {}
         self.timer = Timer()
@@ -72,26 +75,17 @@ class AttentionShard:
         for c in plan.chunks:
             if c.params is not None:
                 self.samplers[c.seq_id] = c.params
-        seqs = [(c.seq_id, c.start, c.start + len(c.tokens)) for c in plan.chunks]
-        meta = self.cache.build_meta(seqs, {c.seq_id: c.block_table for c in plan.chunks})
-        ids = torch.tensor([t for c in plan.chunks for t in c.tokens], dtype=torch.long, device=self.device)
-        hidden = self.model(ids, meta, self.cache)
-        sampled = {}
-        picks = [i for i, c in enumerate(plan.chunks) if c.sample]
-        if picks:
-            last = torch.tensor([meta.query_starts[i + 1] - 1 for i in picks], device=self.device)
-            logits = self.model.logits(hidden[last])
-            for row, i in zip(logits, picks, strict=True):
-                c = plan.chunks[i]
-                params = self.samplers[c.seq_id]
-                end = c.start + len(c.tokens)
-                sampled[c.seq_id] = sample(row, params, position_generator(params, end, self.device))
+        works = [ChunkWork(c.seq_id, c.start, c.tokens, c.sample, self.samplers.get(c.seq_id), c.drafts, c.propose,
+                           c.next_token, len(c.block_table) * self.block_size) for c in plan.chunks]
+        results, _ = run_chunks(self.model, self.cache, works, {c.seq_id: c.block_table for c in plan.chunks})
+        sampled = {seq_id: r.tokens for seq_id, r in results.items() if r.tokens}
+        drafts = {seq_id: (r.accepted, r.drafts) for seq_id, r in results.items() if r.tokens}
         load = {layer: t.tolist() for layer, t in self.dispatcher.load.items()}
         self.dispatcher.load.clear()
         seconds = dict(self.timer.seconds)
         moe_time = sum(seconds.values())
         seconds["attention_and_dense"] = time.perf_counter() - t0 - moe_time
-        return StepOutput(sampled, load, seconds, len(ids))
+        return StepOutput(sampled, load, seconds, sum(len(c.tokens) for c in plan.chunks), drafts)
 
 
 @ray.remote

@@ -19,6 +19,9 @@ class ChunkPlan:
     block_table: list[int]
     sample: bool
     params: SamplingParams | None = None
+    drafts: int = 0  # the last `drafts` tokens are MTP drafts to verify (model.speculative)
+    propose: int = 0  # draft this many tokens for the next step (0: the sequence does not speculate)
+    next_token: int | None = None  # with `propose`, a chunk ending inside the known tokens: the next one
 
 
 @dataclass
@@ -30,10 +33,11 @@ class StepPlan:
 
 @dataclass
 class StepOutput:
-    sampled: dict[int, tuple[int, list[tuple[int, float]], float | None]]  # seq_id -> (token, top, logprob)
+    sampled: dict[int, list[tuple[int, list[tuple[int, float]], float | None]]]  # seq_id -> [(token, top, logprob)]
     load: dict[int, list[int]]  # MoE layer -> tokens per logical expert
     seconds: dict[str, float]  # per phase
     num_tokens: int = 0
+    drafts: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # seq_id -> (drafts kept, new drafts)
 
 
 @dataclass

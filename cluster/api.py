@@ -101,6 +101,9 @@ class RayMoE:
         args = validate_checkpoint(model_dir, need_tokenizer=need_tokenizer)
         if not isinstance(layout, ClusterLayout):
             layout = ClusterLayout.load(layout, **layout_overrides)
+        if layout.speculative_tokens and not args.num_nextn_predict_layers:
+            raise ValueError(f"{model_dir} has no MTP layer (num_nextn_predict_layers is 0): speculative decoding "
+                             "needs one; set speculative_tokens to 0")
         tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
         started, dashboard = _ensure_ray(address, loopback)
 
@@ -138,7 +141,8 @@ class RayMoE:
         eos = tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None else args.eos_token_id
         engine = Engine(attention, experts, router, scheduler, tokenizer, eos, args.max_position_embeddings,
                         step_timeout_s=max(60.0, 2 * layout.collective_timeout_s), rebuild=rebuild,
-                        switch=switch, regroup=regroup)
+                        switch=switch, regroup=regroup, speculative_tokens=layout.speculative_tokens,
+                        have_mtp=layout.speculative_tokens > 0)
         llm = cls(model_dir, layout, args, tokenizer, attention, experts, router, plane, engine, started)
         llm.dashboard_url = dashboard
         handle["llm"] = llm

@@ -63,7 +63,8 @@ class DataPlane:
         return [AttentionActor.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             **self._common()).remote(str(self.model_dir), lay.dtype, lay.num_blocks, lay.block_size,
-                                     lay.torch_threads, lay.device, lay.index_fp8)
+                                     lay.torch_threads, lay.device, lay.index_fp8,
+                                     lay.speculative_tokens > 0)
             for i in range(lay.attention_shards)]
 
     def spawn_experts(self, indices, placement: Placement) -> list:

@@ -18,6 +18,12 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
+def cmd_train_tiny(args) -> int:
+    from model.train import main as train_main
+
+    return train_main(args.rest)
+
+
 def cmd_generate(args) -> int:
     from model.generate import LocalLLM
 
@@ -33,7 +39,8 @@ def cmd_generate(args) -> int:
     if args.chat:
         prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     if args.local:
-        llm = LocalLLM(model_dir(args), dtype=args.dtype or "bfloat16", progress=not args.json)
+        llm = LocalLLM(model_dir(args), dtype=args.dtype or "bfloat16", progress=not args.json,
+                       speculative_tokens=args.speculative_tokens or 0)
         results = llm.generate(prompts, params)
     else:
         from cluster.api import RayMoE
@@ -90,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per MoE layer, favour this many experts in the gate (a skewed workload; default 0)")
     p.add_argument("--hot-bias", type=float, default=1.0, help="gate bias added to each hot expert (default 1.0)")
     p.set_defaults(func=cmd_make_tiny)
+
+    p = sub.add_parser("train-tiny", add_help=False,
+                       help="train the default model on Shakespeare's plays (python -m model.train --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_train_tiny)
 
     p = sub.add_parser("generate", help="generate text for prompts")
     p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")

@@ -20,6 +20,7 @@ from cluster.rebalance import PlacementSwitch
 from cluster.scheduler import Scheduler
 from model.sampling import SamplingParams, with_seed
 from model.sequence import GenerationResult, Sequence
+from model.speculative import speculative_for
 
 log = logging.getLogger("raymoe.engine")
 
@@ -54,7 +55,8 @@ class Engine:
     def __init__(self, attention_actors, expert_actors, router, scheduler: Scheduler, tokenizer, eos_token_id,
                  max_len: int, step_timeout_s: float = 600.0, rebuild=None, max_step_failures: int = 3,
                  max_rebuild_attempts: int = 3, backoff_s: tuple[float, float] = (1.0, 60.0),
-                 switch: PlacementSwitch | None = None, regroup=None):
+                 switch: PlacementSwitch | None = None, regroup=None, speculative_tokens: int = 0,
+                 have_mtp: bool = False):
         """``rebuild()``: replace every data-plane actor after a failure (an actor died, a collective timed
         out) and return the new (attention, expert) actors; requests in flight are then re-run from
         their token history.
@@ -72,11 +74,14 @@ class Engine:
         self.max_rebuild_attempts = max_rebuild_attempts
         self.backoff_s = backoff_s
         self.switch, self._regroup = switch, regroup
+        # MTP drafts per step for requests that do not say; the shards loaded the MTP layer when have_mtp
+        self.speculative_tokens, self.have_mtp = speculative_tokens, have_mtp
         self._idle_ticks = 0  # seconds spent idle with an autoscale policy (they count as steps for it)
         self.health, self.health_error = HEALTHY, None
         self._step_failures = 0  # consecutive
         self.requests: dict[int, Request] = {}
         self._release: dict[int, list[int]] = defaultdict(list)  # shard -> seq ids to release
+        self._verified: dict[int, int] = {}  # seq id -> drafts sent for verification in the step under way
         self._cancel: list[int] = []
         self._next_id = 0
         self._cv = threading.Condition()
@@ -107,7 +112,9 @@ class Engine:
                 )
             seq_id = self._next_id
             seq = Sequence(seq_id, prompt_ids, with_seed(params), self.tokenizer, self.eos_token_id, self.max_len)
-            self.scheduler.add(seq_id, len(seq.prompt_ids), len(seq.prompt_ids) + seq.max_new)
+            seq.speculative_tokens = speculative_for(seq.params, self.speculative_tokens, self.have_mtp)
+            self.scheduler.add(seq_id, len(seq.prompt_ids), len(seq.prompt_ids) + seq.max_new,
+                               lookahead=2 * seq.speculative_tokens)
             self._next_id += 1
             self.requests[seq_id] = Request(seq)
             self._cv.notify()
@@ -294,8 +301,13 @@ class Engine:
                 req = self.requests[c.seq_id]
                 params = None if req.sent_params else req.seq.params
                 req.sent_params = True
-                plan.chunks.append(ChunkPlan(c.seq_id, req.seq.all_ids[c.start:c.end], c.start,
-                                             list(c.block_table), c.sample, params))
+                seq, k = req.seq, req.seq.speculative_tokens
+                room = len(c.block_table) * self.scheduler.block_size - c.end
+                drafts = seq.drafts_to_verify()[:room] if c.sample and k else []
+                self._verified[c.seq_id] = len(drafts)
+                plan.chunks.append(ChunkPlan(c.seq_id, seq.all_ids[c.start:c.end] + drafts, c.start,
+                                             list(c.block_table), c.sample, params, len(drafts), k,
+                                             seq.all_ids[c.end] if k and not c.sample else None))
             plans.append(plan)
         return plans
 
@@ -371,25 +383,36 @@ class Engine:
         self.scheduler.computed(chunks)
         now = time.perf_counter()
         load: dict[int, list[int]] = {}
-        sampled = []
+        picked = []
         for out in outputs:
             for layer, counts in out.load.items():
                 load[layer] = [a + b for a, b in zip(load.get(layer, [0] * len(counts)), counts, strict=True)]
-            sampled += [(self.requests.get(seq_id), *picked) for seq_id, picked in out.sampled.items()]
-        sampled = [(req, token, top, lp) for req, token, top, lp in sampled if req is not None and not req.seq.finished]
+            for seq_id, emitted in out.sampled.items():
+                req = self.requests.get(seq_id)
+                if req is not None and not req.seq.finished:
+                    picked.append((req, emitted, *out.drafts.get(seq_id, (0, []))))
+        steps = []
+        for req, emitted, accepted, drafts in picked:
+            seq_id = req.seq.seq_id
+            verified = self._verified.pop(seq_id, 0)
+            steps.append((req, req.seq.record_step(emitted, verified, accepted, drafts)))
+            self.scheduler.accepted(seq_id, accepted)
+            self.totals["draft_tokens"] += verified
+            self.totals["accepted_tokens"] += accepted
+        generated = sum(len(appended) for _, appended in steps)
         # figures first, so that a reader woken by the events below sees them
         self.totals["steps"] += 1
-        self.totals["tokens_generated"] += len(sampled)
+        self.totals["tokens_generated"] += generated
         self.totals["tokens_computed"] += sum(o.num_tokens for o in outputs)
-        self.recent.append((now, len(sampled)))
-        for req, token, top, lp in sampled:
-            if req.first_token_at is None:
+        self.recent.append((now, generated))
+        for req, appended in steps:
+            if appended and req.first_token_at is None:
                 req.first_token_at = now
                 self.ttft.append(now - req.submitted)
                 self._new_ttft.append(now - req.submitted)
-            piece = req.seq.append(token, top, lp)
-            self.scheduler.appended(req.seq.seq_id)
-            req.events.put(StreamEvent(piece, [token]))
+            for token, piece in appended:
+                self.scheduler.appended(req.seq.seq_id)
+                req.events.put(StreamEvent(piece, [token]))
             if req.seq.finished:
                 self._finish(req)
         phases = defaultdict(float)
@@ -397,7 +420,7 @@ class Engine:
             for phase, s in out.seconds.items():
                 phases[phase] += s
         self.router.record_step.remote({
-            "load": load, "tokens_generated": len(sampled), "ttft": self._drain(self._new_ttft),
+            "load": load, "tokens_generated": generated, "ttft": self._drain(self._new_ttft),
             "tpot": self._drain(self._new_tpot),
             "finished": self._drain_finished(), "prompt_tokens": self._drain_prompt_tokens(),
             "shards": [{"shard": i, "waiting": len(sh.waiting), "running": len(sh.running),

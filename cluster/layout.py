@@ -33,6 +33,8 @@ class ClusterLayout:
     resources: dict[str, dict[str, float]] = field(default_factory=dict)
     replicas: dict[int, int] = field(default_factory=dict)
     index_fp8: bool = False  # DeepSeek-V3.2: score the indexer in FP8 (as DeepSeek's kernels) instead of float
+    # MTP speculative decoding: drafts per step for requests that do not say (0: off, the MTP layer is not loaded)
+    speculative_tokens: int = 0
     # {every_steps, window_steps, min_gain}: re-plan expert placement from the load (absent: off)
     balance: dict[str, float] | None = None
     # {min_expert_actors, max_expert_actors, scale_out_rows, scale_in_rows, window_steps, cooldown_steps}
@@ -43,6 +45,8 @@ class ClusterLayout:
                     "max_running", "torch_threads"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"layout: {key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= int(self.speculative_tokens) <= 8:
+            raise ValueError(f"layout: speculative_tokens must be in 0..8 (0: off), got {self.speculative_tokens}")
         if self.spare_slots < 0:
             raise ValueError(f"layout: spare_slots must be >= 0, got {self.spare_slots}")
         if self.device not in ("cpu", "cuda"):

@@ -22,6 +22,7 @@ class SeqState:
     max_length: int  # length it may reach (prompt + max new tokens)
     computed: int = 0  # tokens whose latents are in the cache
     preemptions: int = 0
+    lookahead: int = 0  # positions past `length` worth holding blocks for (speculative drafts), when free
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Scheduler:
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
-    def add(self, seq_id: int, prompt_len: int, max_length: int) -> int:
+    def add(self, seq_id: int, prompt_len: int, max_length: int, lookahead: int = 0) -> int:
         """Admit a sequence to the queue of the shard with the most room; returns the shard."""
         capacity = self.shards[0].allocator.num_blocks
         if self.blocks_for(max_length) > capacity:
@@ -66,13 +67,25 @@ class Scheduler:
             return (s.allocator.num_free - pending, -len(s.running) - len(s.waiting))
 
         shard = max(range(len(self.shards)), key=room)
-        self.seqs[seq_id] = SeqState(seq_id, shard, prompt_len, max_length)
+        self.seqs[seq_id] = SeqState(seq_id, shard, prompt_len, max_length, lookahead=lookahead)
         self.shards[shard].waiting.append(seq_id)
         return shard
 
     def appended(self, seq_id: int) -> None:
         """The engine recorded a sampled token for ``seq_id``."""
         self.seqs[seq_id].length += 1
+
+    def accepted(self, seq_id: int, drafts: int) -> None:
+        """The step verified ``drafts`` draft tokens past its chunk and kept them: their latents are cached."""
+        if seq_id in self.seqs:
+            self.seqs[seq_id].computed += drafts
+
+    def _grow_ahead(self, alloc: BlockAllocator, s: SeqState) -> None:
+        """Room for speculative drafts, only from free blocks (never by preempting)."""
+        if s.lookahead:
+            want = min(s.length + s.lookahead, s.max_length + s.lookahead // 2)
+            if alloc.can_grow(s.seq_id, want):
+                alloc.grow(s.seq_id, want)
 
     def finish(self, seq_id: int) -> None:
         """Finished or cancelled: free its blocks and forget it."""
@@ -133,6 +146,7 @@ class Scheduler:
             if seq_id not in shard.running:
                 continue
             alloc.grow(seq_id, s.length)
+            self._grow_ahead(alloc, s)
             scheduled.append(seq_id)
             budget -= 1
         for seq_id in scheduled:
@@ -147,6 +161,8 @@ class Scheduler:
                 break
             alloc.grow(seq_id, s.length)
             end = min(s.length, s.computed + budget)
+            if end == s.length:
+                self._grow_ahead(alloc, s)
             chunks.append(Chunk(seq_id, s.computed, end, end == s.length, tuple(alloc.tables[seq_id])))
             budget -= end - s.computed
             if end == s.length:

@@ -9,8 +9,9 @@ import torch
 
 from model.cache import MLACache
 from model.checkpoint import load_model
-from model.sampling import SamplingParams, position_generator, sample, with_seed
+from model.sampling import SamplingParams, with_seed
 from model.sequence import GenerationResult, Sequence
+from model.speculative import ChunkWork, mtp_cache_layers, run_chunks, speculative_for
 from model.tokenizer import Tokenizer, encode_prompt
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -20,9 +21,17 @@ class LocalLLM:
     """The whole model in this process: ``generate`` a batch of prompts of any lengths."""
 
     def __init__(self, path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-                 block_size: int = 16, max_batch_tokens: int = 2048, progress: bool = True, index_fp8: bool = False):
+                 block_size: int = 16, max_batch_tokens: int = 2048, progress: bool = True, index_fp8: bool = False,
+                 speculative_tokens: int = 0, mtp: bool | None = None):
+        """``speculative_tokens``: MTP drafts per step for requests that do not say (0: off); the MTP
+        layer is loaded when that is on or ``mtp`` is true (then requests may ask for drafts)."""
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-        self.model = load_model(path, dtype, device, with_mtp=False, progress=progress, index_fp8=index_fp8)
+        self.speculative_tokens = speculative_tokens
+        with_mtp = bool(speculative_tokens) if mtp is None else mtp
+        self.model = load_model(path, dtype, device, with_mtp=with_mtp, progress=progress, index_fp8=index_fp8)
+        if speculative_tokens and not self.model.mtp_layers:
+            raise ValueError(f"{path} has no MTP layer (num_nextn_predict_layers is 0): speculative decoding needs "
+                             "one; set speculative_tokens to 0")
         self.args = self.model.args
         self.tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
         self.dtype, self.device, self.block_size = dtype, device, block_size
@@ -44,23 +53,32 @@ class LocalLLM:
         max_len = self.args.max_position_embeddings
         seqs = [Sequence(i, self.encode(p), with_seed(sp), self.tokenizer, self.eos_token_id, max_len)
                 for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
-        need_blocks = sum(-(-(len(s.prompt_ids) + s.max_new) // self.block_size) for s in seqs)
-        cache = MLACache(self.args, self.args.num_hidden_layers, need_blocks, self.block_size, self.dtype,
+        for s in seqs:
+            s.speculative_tokens = speculative_for(s.params, self.speculative_tokens, bool(self.model.mtp_layers))
+        # every sequence gets its blocks up front: prompt, new tokens, and room for its drafts
+        lengths = {s.seq_id: len(s.prompt_ids) + s.max_new + 2 * s.speculative_tokens for s in seqs}
+        cache = MLACache(self.args, mtp_cache_layers(self.model),
+                         sum(-(-n // self.block_size) for n in lengths.values()), self.block_size, self.dtype,
                          self.device)
+        for seq_id, n in lengths.items():
+            cache.allocator.grow(seq_id, n)
 
         def step(batch: list[tuple[Sequence, int, int]]):
-            ids = torch.tensor([t for s, a, b in batch for t in s.all_ids[a:b]], device=self.device)
-            meta = cache.build_meta([(s.seq_id, a, b) for s, a, b in batch])
-            hidden = self.model(ids, meta, cache)
-            last = torch.tensor(meta.query_starts[1:], device=self.device) - 1
-            logits = self.model.logits(hidden[last])
-            for (s, _, b), row in zip(batch, logits, strict=True):
-                if b < len(s):  # a prefill chunk that does not reach the end of the prompt
+            works = []
+            for s, a, b in batch:
+                k, last = s.speculative_tokens, b == len(s)
+                drafts = s.drafts_to_verify() if last and k else []
+                works.append(ChunkWork(s.seq_id, a, s.all_ids[a:b] + drafts, last, s.params, len(drafts), k,
+                                       None if last or not k else s.all_ids[b],
+                                       len(cache.allocator.tables[s.seq_id]) * self.block_size))
+            results, _ = run_chunks(self.model, cache, works)
+            for w, (s, _, _) in zip(works, batch, strict=True):
+                if not w.sample:
                     continue
-                token, top, logprob = sample(row, s.params, position_generator(s.params, b, self.device))
-                piece = s.append(token, top, logprob)
-                if on_token is not None:
-                    on_token(s.seq_id, piece)
+                r = results[w.seq_id]
+                for _, piece in s.record_step(r.tokens, w.drafts, r.accepted, r.drafts):
+                    if on_token is not None:
+                        on_token(s.seq_id, piece)
                 if s.finished:
                     cache.allocator.free(s.seq_id)
 

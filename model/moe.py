@@ -45,24 +45,29 @@ class Gate(nn.Module):
             self.register_parameter("e_score_correction_bias", None)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        a = self.args
         logits = F.linear(x.float(), self.weight.float())  # [T, E]
-        scores = logits.softmax(dim=-1) if a.scoring_func == "softmax" else logits.sigmoid()
-        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias.float()
-        if a.topk_method != "greedy" and a.n_group > 1:
-            grouped = choice.view(x.shape[0], a.n_group, a.n_routed_experts // a.n_group)  # [T, G, E/G]
-            if a.topk_method == "noaux_tc":
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            else:
-                group_scores = grouped.amax(dim=-1)
-            keep = group_scores.topk(a.topk_group, dim=-1).indices  # [T, topk_group]
-            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
-        indices = choice.topk(a.num_experts_per_tok, dim=-1).indices
-        weights = scores.gather(1, indices)
-        if a.norm_topk_prob and a.num_experts_per_tok > 1:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(weights * a.routed_scaling_factor, indices)
+        return route(self.args, logits, self.e_score_correction_bias)
+
+
+def route(a: ModelArgs, logits: torch.Tensor, bias: torch.Tensor | None) -> Routing:
+    """The gate's arithmetic on router ``logits`` [T, E] (see ``Gate``); differentiable in the
+    weights, which the training loop relies on."""
+    scores = logits.softmax(dim=-1) if a.scoring_func == "softmax" else logits.sigmoid()
+    choice = scores if bias is None else scores + bias.float()
+    if a.topk_method != "greedy" and a.n_group > 1:
+        grouped = choice.view(logits.shape[0], a.n_group, a.n_routed_experts // a.n_group)  # [T, G, E/G]
+        if a.topk_method == "noaux_tc":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.amax(dim=-1)
+        keep = group_scores.topk(a.topk_group, dim=-1).indices  # [T, topk_group]
+        mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        choice = grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
+    indices = choice.topk(a.num_experts_per_tok, dim=-1).indices
+    weights = scores.gather(1, indices)
+    if a.norm_topk_prob and a.num_experts_per_tok > 1:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return Routing(weights * a.routed_scaling_factor, indices)
 
 
 # (layer_id, x [T, hidden], routing) -> [T, hidden]: the weighted sum of each token's routed experts,

@@ -10,6 +10,7 @@ import torch
 
 MAX_NEW_TOKENS = 2**31 - 1  # the model's context bounds it further (``Sequence``)
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
+MAX_SPECULATIVE_TOKENS = 8
 
 
 def _is_int(value) -> bool:
@@ -34,6 +35,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int = 0  # how many top log-probabilities to return per generated token
     skip_special_tokens: bool = True
+    # draft tokens per step from the model's MTP layer, verified in one step (0: off; None: the
+    # server's default, ``--speculative-tokens``)
+    speculative_tokens: int | None = None
 
     def __post_init__(self):
         # Every field is checked for type and range here, so a value that could fail a step (a float
@@ -68,6 +72,10 @@ class SamplingParams:
             raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
             raise ValueError(f"max_new_tokens must be in 1..{MAX_NEW_TOKENS}, got {self.max_new_tokens}")
+        if self.speculative_tokens is not None and not (
+                _is_int(self.speculative_tokens) and 0 <= self.speculative_tokens <= MAX_SPECULATIVE_TOKENS):
+            raise ValueError(f"speculative_tokens must be an integer in 0..{MAX_SPECULATIVE_TOKENS} (0: off) or null, "
+                             f"got {self.speculative_tokens!r}")
         if not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in 0..{MAX_LOGPROBS}, got {self.logprobs}")
 
@@ -122,7 +130,13 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     if params.greedy:
         return int(logits.argmax())
-    scaled = logits / params.temperature
+    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled (``temperature > 0``) request draws from: temperature, then
+    top-k, then top-p over ``logits`` [vocab] (float32)."""
+    scaled = logits.float() / params.temperature
     if params.top_k and params.top_k < scaled.numel():
         kth = scaled.topk(params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -133,4 +147,4 @@ def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
         drop = cum - sorted_p > params.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return probs

@@ -21,6 +21,9 @@ class GenerationResult:
     top_logprobs: list[list[list[float]]] = field(default_factory=list)  # per position: [[id, logprob], ...]
     error: str | None = None
     token_logprobs: list[float] = field(default_factory=list)  # per position: the picked token's logprob
+    speculative_tokens: int = 0  # MTP drafts per step (0: off)
+    draft_tokens: int = 0  # drafts verified
+    accepted_tokens: int = 0  # drafts kept
 
     def to_json(self) -> dict:
         out = {"output_ids": self.output_ids, "text": self.text, "finish_reason": self.finish_reason,
@@ -28,6 +31,9 @@ class GenerationResult:
         if self.top_logprobs:
             out["top_logprobs"] = self.top_logprobs
             out["token_logprobs"] = self.token_logprobs
+        if self.speculative_tokens:
+            out.update(speculative_tokens=self.speculative_tokens, draft_tokens=self.draft_tokens,
+                       accepted_tokens=self.accepted_tokens)
         if self.error:
             out["error"] = self.error
         return out
@@ -60,6 +66,9 @@ class Sequence:
         self.text = ""
         self._emitted = 0
         self.finish_reason: str | None = None
+        self.speculative_tokens = 0  # MTP drafts per step, set by whoever runs the sequence
+        self.drafts: list[int] = []  # proposed for the next step
+        self.draft_tokens = self.accepted_tokens = 0
         self._holdback = max((len(s) for s in params.stop), default=1) - 1
 
     @property
@@ -99,6 +108,30 @@ class Sequence:
         piece, self._emitted = self.text[self._emitted:end], end
         return piece
 
+    @property
+    def remaining(self) -> int:
+        """Tokens it may still emit."""
+        return self.max_new - len(self.output_ids)
+
+    def drafts_to_verify(self) -> list[int]:
+        """The drafts worth verifying next step: a step emits at most one token more than it verifies."""
+        return self.drafts[:max(0, self.remaining - 1)]
+
+    def record_step(self, emitted, verified: int, accepted: int, drafts: list[int]) -> list[tuple[int, str]]:
+        """A step's emitted ``(token, top, logprob)`` tuples (and its draft figures): appended in order
+        until the sequence finishes; returns ``(token, streamable text)`` per token appended."""
+        self.draft_tokens += verified
+        self.accepted_tokens += accepted
+        self.drafts = list(drafts)
+        out = []
+        for token, top, lp in emitted:
+            if self.finished:
+                break
+            out.append((token, self.append(token, top, lp)))
+        return out
+
     def result(self) -> GenerationResult:
         return GenerationResult(self.prompt_ids, self.output_ids, self.text, self.finish_reason or "length",
-                                self.top_logprobs, token_logprobs=self.token_logprobs)
+                                self.top_logprobs, token_logprobs=self.token_logprobs,
+                                speculative_tokens=self.speculative_tokens, draft_tokens=self.draft_tokens,
+                                accepted_tokens=self.accepted_tokens)

@@ -64,7 +64,8 @@ def _corpus(seed: int, lines: int = 3000) -> list[str]:
     return out
 
 
-def train_tokenizer(vocab_size: int, seed: int = 0):
+def train_tokenizer(vocab_size: int, seed: int = 0, texts=None):
+    """A byte-level BPE over ``texts`` (default: a small built-in corpus drawn with ``seed``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
@@ -74,7 +75,7 @@ def train_tokenizer(vocab_size: int, seed: int = 0):
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_corpus(seed), trainer)
+    tok.train_from_iterator(_corpus(seed) if texts is None else texts, trainer)
     # BOS in front of every encoding, as DeepSeek's tokenizers do with add_special_tokens
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))])
@@ -161,6 +162,15 @@ def make_tiny(out: str | Path, preset: str = "tiny", fp8: bool = False, seed: in
     if hot_experts:
         skew_gate_bias(state, hot_experts, hot_bias, seed)
 
+    return write_checkpoint(out, args, state, tok, num_shards)
+
+
+def write_checkpoint(out: str | Path, args: ModelArgs, state: dict[str, torch.Tensor], tok,
+                     num_shards: int = 1) -> Path:
+    """Write ``state`` (tensor names as in the Hugging Face checkpoint) with its config, tokenizer
+    (a ``tokenizers.Tokenizer``) and chat template to ``out`` in the Hugging Face layout."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     names = sorted(state)
     shards = [names[i::num_shards] for i in range(num_shards)] if num_shards > 1 else [names]
     weight_map = {}

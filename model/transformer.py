@@ -58,9 +58,17 @@ class MTPBlock(Block):
 
     def predict(self, hidden, next_ids, meta, kv_cache, pe_cache, index_cache=None) -> torch.Tensor:
         """``hidden`` [T, hidden] from the main model, ``next_ids`` [T] -> logits [T, vocab] (float32)."""
+        return self.head(self.hidden(hidden, next_ids, meta, kv_cache, pe_cache, index_cache))
+
+    def hidden(self, hidden, next_ids, meta, kv_cache, pe_cache, index_cache=None) -> torch.Tensor:
+        """The module's output hidden states [T, hidden] (before its head's norm): what ``head`` reads,
+        and what a further draft step takes in place of the main model's hidden state."""
         h = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(next_ids)), self.hnorm(hidden)], dim=-1))
         h, residual = self.forward(h, None, meta, kv_cache, pe_cache, True, index_cache)
-        return self.shared_head.head(self.shared_head.norm(h + residual)).float()
+        return h + residual
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.shared_head.head(self.shared_head.norm(hidden)).float()
 
 
 class Model(nn.Module):

@@ -47,7 +47,7 @@ class FakeEngine(Engine):
             self.gate.wait()
         if self.fail(self.calls, plans):
             raise RuntimeError("an actor died")
-        return [StepOutput({c.seq_id: (TOKEN, [], None) for c in p.chunks if c.sample}, {}, {}, 0) for p in plans], []
+        return [StepOutput({c.seq_id: [(TOKEN, [], None)] for c in p.chunks if c.sample}, {}, {}, 0) for p in plans], []
 
 
 def _result(engine, rid, timeout=30):

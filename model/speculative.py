@@ -1,0 +1,164 @@
+"""One model step over a batch of sequence chunks, with multi-token-prediction (MTP) speculative
+decoding: the part the single process and an attention shard share.
+
+A chunk computes positions ``start..start+len(tokens)-1`` of a sequence. A decoding chunk may end
+with ``drafts`` draft tokens proposed by the MTP layer in the previous step; the main model scores
+every position in one pass and ``verify`` keeps the longest prefix of drafts that the main model
+agrees with, then adds the main model's own token after it (so a step emits 1..drafts+1 tokens):
+
+- greedy: a draft is kept when it is the argmax (the output is that of plain greedy decoding);
+- sampled: a draft ``d`` is kept with probability ``p(d)`` (``p``: the request's distribution
+  after temperature, top-k, top-p); at the first rejection the token is drawn from ``p`` with
+  ``d`` removed, renormalised. The drafts are greedy (a point mass), so this is the standard
+  rejection rule and every emitted token follows ``p`` exactly.
+
+Drafting (``propose`` > 0): the MTP layer (DeepSeek's layer ``num_hidden_layers``) runs over every
+position whose token is now final, taking the main model's hidden state at ``p`` and the embedding
+of the token at ``p + 1``; this also fills the MTP layer's own cache. Its prediction at the last
+position is the first draft; further drafts reuse the layer on its own output hidden state and the
+previous draft, one position at a time, as far as the sequence's block table reaches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.cache import MLACache
+from model.sampling import SamplingParams, position_generator, probabilities, sample
+
+
+@dataclass
+class ChunkWork:
+    seq_id: int
+    start: int
+    tokens: list[int]  # positions start..start+len-1; the last `drafts` of them are drafts to verify
+    sample: bool  # the chunk reaches the end of what is known: pick the token after it
+    params: SamplingParams | None = None  # needed when `sample`
+    drafts: int = 0
+    propose: int = 0  # draft this many tokens for the next step (needs the MTP layer)
+    next_token: int | None = None  # a prefill chunk ending inside the prompt: the prompt's next token
+    capacity: int = 0  # positions the block table holds (bounds the drafts' own cache writes)
+
+
+@dataclass
+class ChunkResult:
+    tokens: list[tuple[int, list[tuple[int, float]], float | None]] = field(default_factory=list)  # emitted
+    accepted: int = 0  # drafts kept
+    drafts: list[int] = field(default_factory=list)  # proposed for the next step
+
+
+def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, position: int):
+    """``logits`` [len(drafts)+1, vocab]: the main model's scores for positions ``position..``;
+    returns the emitted ``(token, top, logprob)`` list (the kept drafts and one more) and how many
+    drafts were kept."""
+    out = []
+    for j in range(len(drafts) + 1):
+        gen = position_generator(params, position + j, logits.device)
+        row = logits[j]
+        if j == len(drafts):
+            out.append(sample(row, params, gen))
+            break
+        d = drafts[j]
+        if params.greedy:
+            token = int(row.argmax())
+        else:
+            p = probabilities(row, params)
+            u = float(torch.rand((), generator=gen, device=p.device))
+            if u < float(p[d]):
+                token = d
+            else:
+                residual = p.clone()
+                residual[d] = 0.0
+                token = int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
+        top, lp = [], None
+        if params.logprobs:
+            logp = torch.log_softmax(row.float(), dim=-1)
+            vals, idx = logp.topk(min(params.logprobs, logp.numel()))
+            top, lp = list(zip(idx.tolist(), vals.tolist(), strict=True)), float(logp[token])
+        out.append((token, top, lp))
+        if token != d:
+            break
+    return out, len(out) - 1
+
+
+def mtp_cache_layers(model) -> int:
+    """How many cache layers a model with its MTP layers loaded needs."""
+    return model.num_layers + len(model.mtp_layers)
+
+
+def run_chunks(model, cache: MLACache, works: list[ChunkWork], tables: dict[int, list[int]] | None = None):
+    """One forward over ``works`` -> ``{seq_id: ChunkResult}`` for the chunks that sample or draft,
+    and the final hidden states [T, hidden]."""
+    device = cache.device
+    seqs = [(w.seq_id, w.start, w.start + len(w.tokens)) for w in works]
+    meta = cache.build_meta(seqs, tables)
+    ids = torch.tensor([t for w in works for t in w.tokens], dtype=torch.long, device=device)
+    hidden = model(ids, meta, cache)
+    results: dict[int, ChunkResult] = {}
+    picks = [i for i, w in enumerate(works) if w.sample]
+    if picks:
+        rows = [r for i in picks for r in range(meta.query_starts[i + 1] - works[i].drafts - 1,
+                                                meta.query_starts[i + 1])]
+        logits = model.logits(hidden[torch.tensor(rows, device=device)])
+        at = 0
+        for i in picks:
+            w = works[i]
+            n = w.drafts + 1
+            emitted, accepted = verify(logits[at:at + n], w.tokens[len(w.tokens) - w.drafts:], w.params,
+                                       w.start + len(w.tokens) - w.drafts)
+            results[w.seq_id] = ChunkResult(emitted, accepted)
+            at += n
+    drafting = [i for i, w in enumerate(works) if w.propose and model.mtp_layers
+                and (w.sample or w.next_token is not None)]
+    if drafting:
+        _draft(model, cache, works, drafting, meta, hidden, results, tables)
+    return results, hidden
+
+
+def _draft(model, cache, works, drafting, meta, hidden, results, tables) -> None:
+    mtp, n = model.mtp_layers[0], model.num_layers
+    device = cache.device
+    index_cache = (cache.ik[n], cache.iks[n] if cache.iks else None) if cache.ik else None
+    seqs, rows, next_ids, chains = [], [], [], []
+    for i in drafting:
+        w = works[i]
+        res = results.setdefault(w.seq_id, ChunkResult())
+        final = len(w.tokens) - w.drafts + res.accepted  # positions whose tokens are now final
+        after = res.tokens[-1][0] if w.sample else w.next_token
+        seqs.append((w.seq_id, w.start, w.start + final))
+        qs = meta.query_starts[i]
+        rows += range(qs, qs + final)
+        next_ids += w.tokens[1:final] + [after]
+        chains.append((w, res, w.start + final))
+    mmeta = model.prepare(cache.build_meta(seqs, tables))
+    h = mtp.hidden(hidden[torch.tensor(rows, device=device)], torch.tensor(next_ids, device=device), mmeta,
+                   cache.kv[n], cache.pe[n], index_cache)
+    last = torch.tensor(mmeta.query_starts[1:], device=device) - 1
+    h = h[last]
+    tokens = mtp.head(h).argmax(dim=-1)
+    for (w, res, _), t in zip(chains, tokens.tolist(), strict=True):
+        if w.sample:  # a prefill chunk inside the prompt only fills the MTP layer's cache
+            res.drafts.append(t)
+    # further drafts: the MTP layer again, on its own output and the previous draft, one position on
+    for k in range(1, max(w.propose for w, _, _ in chains)):
+        live = [j for j, (w, _, pos) in enumerate(chains) if w.sample and w.propose > k and pos + k - 1 < w.capacity]
+        if not live:
+            break
+        step = [(chains[j][0].seq_id, chains[j][2] + k - 1, chains[j][2] + k) for j in live]
+        smeta = model.prepare(cache.build_meta(step, tables))
+        prev = torch.tensor([chains[j][1].drafts[-1] for j in live], device=device)
+        h = mtp.hidden(h[torch.tensor(live, device=device)], prev, smeta, cache.kv[n], cache.pe[n], index_cache)
+        for j, t in zip(live, mtp.head(h).argmax(dim=-1).tolist(), strict=True):
+            chains[j][1].drafts.append(t)
+        chains = [chains[j] for j in live]
+
+
+def speculative_for(params: SamplingParams, default: int, have_mtp: bool) -> int:
+    """Drafts per step for a request: its own ``speculative_tokens``, else the server's default."""
+    k = default if params.speculative_tokens is None else params.speculative_tokens
+    if k and not have_mtp:
+        raise ValueError(f"speculative_tokens={k} needs the model's MTP layer, which this server did not load: "
+                         "start it with --speculative-tokens K (K > 0), or send speculative_tokens 0")
+    return k
