@@ -77,15 +77,44 @@ class AttentionShard:
                 self.samplers[c.seq_id] = c.params
         works = [ChunkWork(c.seq_id, c.start, c.tokens, c.sample, self.samplers.get(c.seq_id), c.drafts, c.propose,
                            c.next_token, len(c.block_table) * self.block_size) for c in plan.chunks]
-        results, _ = run_chunks(self.model, self.cache, works, {c.seq_id: c.block_table for c in plan.chunks})
-        sampled = {seq_id: r.tokens for seq_id, r in results.items() if r.tokens}
-        drafts = {seq_id: (r.accepted, r.drafts) for seq_id, r in results.items() if r.tokens}
+        tables = {c.seq_id: c.block_table for c in plan.chunks}
+        chunks = {c.seq_id: c for c in plan.chunks}
+        sampled, drafts, computed = {}, {}, 0
+        for _ in range(plan.decode_steps):  # every call runs them all: the expert actors step in lockstep
+            results, _ = run_chunks(self.model, self.cache, works, tables)
+            computed += sum(len(w.tokens) for w in works)
+            follow = []
+            for w in works:
+                r = results.get(w.seq_id)
+                if r is None or not r.tokens:
+                    continue
+                sampled.setdefault(w.seq_id, []).extend(r.tokens)
+                verified, kept, _ = drafts.get(w.seq_id, (0, 0, []))
+                drafts[w.seq_id] = (verified + w.drafts, kept + r.accepted, r.drafts)
+                nxt = _follow_on(w, r, chunks[w.seq_id], len(sampled[w.seq_id]))
+                if nxt is not None:
+                    follow.append(nxt)
+            works = follow
         load = {layer: t.tolist() for layer, t in self.dispatcher.load.items()}
         self.dispatcher.load.clear()
         seconds = dict(self.timer.seconds)
         moe_time = sum(seconds.values())
         seconds["attention_and_dense"] = time.perf_counter() - t0 - moe_time
-        return StepOutput(sampled, load, seconds, sum(len(c.tokens) for c in plan.chunks), drafts)
+        return StepOutput(sampled, load, seconds, computed, plan.decode_steps, drafts)
+
+
+def _follow_on(w: ChunkWork, r, chunk, emitted: int) -> ChunkWork | None:
+    """The sequence's next model step within a multi-step call: its last token (and the drafts just
+    proposed, as far as its block table reaches), or ``None`` when it stopped or has no room."""
+    if any(t in chunk.stop_ids for t, _, _ in r.tokens) or emitted >= chunk.max_tokens:
+        return None
+    start = w.start + len(w.tokens) - w.drafts + r.accepted  # the position of the last emitted token
+    room = w.capacity - start - 1
+    if room < 0:
+        return None
+    k = max(0, min(len(r.drafts), room, chunk.max_tokens - emitted - 1))
+    return ChunkWork(w.seq_id, start, [r.tokens[-1][0]] + r.drafts[:k], True, w.params, k, w.propose, None,
+                     w.capacity)
 
 
 @ray.remote

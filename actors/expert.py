@@ -116,16 +116,19 @@ class ExpertGroup:
         return figures
 
     @torch.inference_mode()
-    def step(self, switch_to: int | None = None) -> ExpertStepOutput:
+    def step(self, switch_to: int | None = None, steps: int = 1) -> ExpertStepOutput:
+        """Serve ``steps`` model steps (every MoE layer each), as the attention shards' call runs."""
         self.timer.seconds.clear()
         if switch_to is not None and switch_to != self.version:
             self._switch(switch_to)
-        rows = []
-        for layer in self.args.moe_layers:
-            per_slot = serve_expert_layer(self.info, self.group, self.banks[layer], self.args.hidden_size,
-                                          self.dtype, self.timer)
-            self.rows_per_slot[layer] = [a + b for a, b in zip(self.rows_per_slot[layer], per_slot, strict=True)]
-            rows.append(sum(per_slot))
+        rows = [0] * len(self.args.moe_layers)
+        for _ in range(steps):
+            for i, layer in enumerate(self.args.moe_layers):
+                per_slot = serve_expert_layer(self.info, self.group, self.banks[layer], self.args.hidden_size,
+                                              self.dtype, self.timer)
+                self.rows_per_slot[layer] = [a + b for a, b in zip(self.rows_per_slot[layer], per_slot,
+                                                                   strict=True)]
+                rows[i] += sum(per_slot)
         self.rows_total += sum(rows)
         return ExpertStepOutput(rows, dict(self.timer.seconds), self.version, self.staged_version(), self.rows_total,
                                 self._stage_error)

@@ -22,6 +22,8 @@ class ChunkPlan:
     drafts: int = 0  # the last `drafts` tokens are MTP drafts to verify (model.speculative)
     propose: int = 0  # draft this many tokens for the next step (0: the sequence does not speculate)
     next_token: int | None = None  # with `propose`, a chunk ending inside the known tokens: the next one
+    max_tokens: int = 1  # tokens the sequence may still emit (bounds a multi-step call)
+    stop_ids: tuple[int, ...] = ()  # token ids that end the sequence (EOS, stop_token_ids)
 
 
 @dataclass
@@ -29,6 +31,7 @@ class StepPlan:
     chunks: list[ChunkPlan] = field(default_factory=list)
     release: list[int] = field(default_factory=list)  # finished or cancelled sequences: drop their samplers
     placement: Placement | None = None  # route with this placement from this step on (a switch)
+    decode_steps: int = 1  # model steps in this call: each sampling sequence feeds back its own tokens
 
 
 @dataclass
@@ -37,7 +40,9 @@ class StepOutput:
     load: dict[int, list[int]]  # MoE layer -> tokens per logical expert
     seconds: dict[str, float]  # per phase
     num_tokens: int = 0
-    drafts: dict[int, tuple[int, list[int]]] = field(default_factory=dict)  # seq_id -> (drafts kept, new drafts)
+    steps: int = 1  # model steps run
+    # seq_id -> (drafts verified, drafts kept, drafts proposed for the next call)
+    drafts: dict[int, tuple[int, int, list[int]]] = field(default_factory=dict)
 
 
 @dataclass

@@ -27,6 +27,9 @@ class ClusterMetrics:
         self.rebalances = Counter("raymoe_rebalances", "Placement switches (rebalances and scaling)")
         self.rebalance_seconds = Counter("raymoe_rebalance_seconds", "Seconds from plan to switch, summed")
         self.placement_version = Gauge("raymoe_placement_version", "The placement version the cluster routes with")
+        self.draft_tokens = Counter("raymoe_spec_draft_tokens", "MTP draft tokens verified")
+        self.accepted_tokens = Counter("raymoe_spec_accepted_tokens",
+                                       "MTP draft tokens kept (acceptance rate: accepted / draft)")
         self.phase = Histogram("raymoe_step_phase_seconds", "Seconds per step phase (dispatch, combine, ...)",
                                LATENCY_BOUNDS, tag_keys=("phase",))
 
@@ -39,6 +42,10 @@ class ClusterMetrics:
             self.tpot.observe(v)
         for reason, n in s.get("finished", {}).items():
             self.requests.inc(n, tags={"reason": reason})
+        if s.get("draft_tokens"):
+            self.draft_tokens.inc(s["draft_tokens"])
+        if s.get("accepted_tokens"):
+            self.accepted_tokens.inc(s["accepted_tokens"])
         if s.get("prompt_tokens"):
             self.tokens_in.inc(s["prompt_tokens"])
         for sh in s.get("shards", []):

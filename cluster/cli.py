@@ -63,12 +63,16 @@ def cmd_bench(args) -> int:
         from cluster.bench_cluster import main as bench_main
     elif args.what == "balance":
         from cluster.bench_balance import main as bench_main
+    elif args.what == "spec":
+        from cluster.bench_spec import main as bench_main
     elif args.what == "sparse":
         from cluster.bench_sparse import main as bench_main
     else:
         from cluster.bench_kernels import main as bench_main
     if args.out is None:
         args.out = f"bench-results/{args.what}.json"
+    if args.batch_sizes is None:
+        args.batch_sizes = "1,8" if args.what == "spec" else "1,8,32"
     return bench_main(args)
 
 
@@ -146,10 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["generate", "cluster", "balance", "sparse", "kernels"])
+    p.add_argument("what", choices=["generate", "cluster", "balance", "sparse", "kernels", "spec"])
+    p.add_argument("--ks", default=None, help="spec: draft tokens per step to measure (default 1,2,3)")
     p.add_argument("--contexts", default=None, help="sparse: context lengths (default 512,...,16384)")
     p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
-    p.add_argument("--batch-sizes", default="1,8,32")
+    p.add_argument("--batch-sizes", default=None, help="default 1,8,32 (spec: 1,8)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")

@@ -56,7 +56,7 @@ class Engine:
                  max_len: int, step_timeout_s: float = 600.0, rebuild=None, max_step_failures: int = 3,
                  max_rebuild_attempts: int = 3, backoff_s: tuple[float, float] = (1.0, 60.0),
                  switch: PlacementSwitch | None = None, regroup=None, speculative_tokens: int = 0,
-                 have_mtp: bool = False):
+                 have_mtp: bool = False, decode_steps: int = 1):
         """``rebuild()``: replace every data-plane actor after a failure (an actor died, a collective timed
         out) and return the new (attention, expert) actors; requests in flight are then re-run from
         their token history.
@@ -76,12 +76,13 @@ class Engine:
         self.switch, self._regroup = switch, regroup
         # MTP drafts per step for requests that do not say; the shards loaded the MTP layer when have_mtp
         self.speculative_tokens, self.have_mtp = speculative_tokens, have_mtp
+        # model steps per actor call while every sequence decodes (the shards feed back their own tokens)
+        self.decode_steps = decode_steps
         self._idle_ticks = 0  # seconds spent idle with an autoscale policy (they count as steps for it)
         self.health, self.health_error = HEALTHY, None
         self._step_failures = 0  # consecutive
         self.requests: dict[int, Request] = {}
         self._release: dict[int, list[int]] = defaultdict(list)  # shard -> seq ids to release
-        self._verified: dict[int, int] = {}  # seq id -> drafts sent for verification in the step under way
         self._cancel: list[int] = []
         self._next_id = 0
         self._cv = threading.Condition()
@@ -113,8 +114,9 @@ class Engine:
             seq_id = self._next_id
             seq = Sequence(seq_id, prompt_ids, with_seed(params), self.tokenizer, self.eos_token_id, self.max_len)
             seq.speculative_tokens = speculative_for(seq.params, self.speculative_tokens, self.have_mtp)
+            k = seq.speculative_tokens
             self.scheduler.add(seq_id, len(seq.prompt_ids), len(seq.prompt_ids) + seq.max_new,
-                               lookahead=2 * seq.speculative_tokens)
+                               lookahead=2 * k + (self.decode_steps - 1) * (1 + k))
             self._next_id += 1
             self.requests[seq_id] = Request(seq)
             self._cv.notify()
@@ -169,6 +171,10 @@ class Engine:
                 "ttft_s": sum(ttft) / len(ttft) if ttft else None,
                 "tpot_s": sum(tpot) / len(tpot) if tpot else None,
                 "totals": dict(self.totals), "preemptions": sch.num_preemptions,
+                "speculative": {"tokens": self.speculative_tokens, "draft_tokens": int(self.totals["draft_tokens"]),
+                                "accepted_tokens": int(self.totals["accepted_tokens"]),
+                                "acceptance_rate": (self.totals["accepted_tokens"] / self.totals["draft_tokens"]
+                                                    if self.totals["draft_tokens"] else None)},
             }
 
     # the loop
@@ -248,8 +254,9 @@ class Engine:
             return
         if not any(p.chunks for p in plans) and switch_to is None:
             time.sleep(0.005)  # waiting for a placement to be staged: poll with empty steps
+        steps = self._decode_steps(chunks, switch_to)
         for p in plans:
-            p.placement = placement
+            p.placement, p.decode_steps = placement, steps
         t0 = time.perf_counter()
         try:
             outputs, expert_outputs = self._run(plans, switch_to)
@@ -263,6 +270,15 @@ class Engine:
             self.switch.after_step(self.experts, expert_outputs, switch_to, seconds)
         with self._cv:
             self._post_process(chunks, outputs, expert_outputs)
+
+    def _decode_steps(self, chunks, switch_to) -> int:
+        """Several model steps in one call only while every scheduled sequence decodes and nothing else
+        waits (a prefill, a cancel, a placement change): they would wait for the whole call."""
+        if self.decode_steps == 1 or switch_to is not None or self._switch_busy() or self._cancel:
+            return 1
+        if any(sh.waiting for sh in self.scheduler.shards) or not all(c.sample for cs in chunks for c in cs):
+            return 1
+        return self.decode_steps
 
     def regroup(self, experts: list, placement) -> None:
         """Join the attention shards and ``experts`` in a new process group on ``placement`` (at a step
@@ -304,10 +320,10 @@ class Engine:
                 seq, k = req.seq, req.seq.speculative_tokens
                 room = len(c.block_table) * self.scheduler.block_size - c.end
                 drafts = seq.drafts_to_verify()[:room] if c.sample and k else []
-                self._verified[c.seq_id] = len(drafts)
                 plan.chunks.append(ChunkPlan(c.seq_id, seq.all_ids[c.start:c.end] + drafts, c.start,
                                              list(c.block_table), c.sample, params, len(drafts), k,
-                                             seq.all_ids[c.end] if k and not c.sample else None))
+                                             seq.all_ids[c.end] if k and not c.sample else None,
+                                             seq.remaining, tuple(seq.stop_ids)))
             plans.append(plan)
         return plans
 
@@ -358,7 +374,7 @@ class Engine:
         """One lockstep step over every actor -> (attention outputs, expert outputs)."""
         t0 = time.perf_counter()
         attn_refs = [a.step.remote(p) for a, p in zip(self.attention, plans, strict=True)]
-        expert_refs = [e.step.remote(switch_to) for e in self.experts]
+        expert_refs = [e.step.remote(switch_to, plans[0].decode_steps if plans else 1) for e in self.experts]
         # fail fast: the first actor that dies ends the step (its peers may be stuck in a collective)
         pending = attn_refs + expert_refs
         deadline = t0 + self.step_timeout_s
@@ -390,18 +406,19 @@ class Engine:
             for seq_id, emitted in out.sampled.items():
                 req = self.requests.get(seq_id)
                 if req is not None and not req.seq.finished:
-                    picked.append((req, emitted, *out.drafts.get(seq_id, (0, []))))
-        steps = []
-        for req, emitted, accepted, drafts in picked:
+                    picked.append((req, emitted, *out.drafts.get(seq_id, (0, 0, []))))
+        steps, step_drafts, step_accepted = [], 0, 0
+        for req, emitted, verified, accepted, drafts in picked:
             seq_id = req.seq.seq_id
-            verified = self._verified.pop(seq_id, 0)
             steps.append((req, req.seq.record_step(emitted, verified, accepted, drafts)))
-            self.scheduler.accepted(seq_id, accepted)
-            self.totals["draft_tokens"] += verified
-            self.totals["accepted_tokens"] += accepted
+            step_drafts += verified
+            step_accepted += accepted
+        self.totals["draft_tokens"] += step_drafts
+        self.totals["accepted_tokens"] += step_accepted
         generated = sum(len(appended) for _, appended in steps)
         # figures first, so that a reader woken by the events below sees them
         self.totals["steps"] += 1
+        self.totals["model_steps"] += outputs[0].steps if outputs else 1
         self.totals["tokens_generated"] += generated
         self.totals["tokens_computed"] += sum(o.num_tokens for o in outputs)
         self.recent.append((now, generated))
@@ -413,6 +430,7 @@ class Engine:
             for token, piece in appended:
                 self.scheduler.appended(req.seq.seq_id)
                 req.events.put(StreamEvent(piece, [token]))
+            self.scheduler.settle(req.seq.seq_id)
             if req.seq.finished:
                 self._finish(req)
         phases = defaultdict(float)
@@ -420,7 +438,8 @@ class Engine:
             for phase, s in out.seconds.items():
                 phases[phase] += s
         self.router.record_step.remote({
-            "load": load, "tokens_generated": generated, "ttft": self._drain(self._new_ttft),
+            "load": load, "tokens_generated": generated, "draft_tokens": step_drafts,
+            "accepted_tokens": step_accepted, "ttft": self._drain(self._new_ttft),
             "tpot": self._drain(self._new_tpot),
             "finished": self._drain_finished(), "prompt_tokens": self._drain_prompt_tokens(),
             "shards": [{"shard": i, "waiting": len(sh.waiting), "running": len(sh.running),

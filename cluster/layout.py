@@ -35,6 +35,8 @@ class ClusterLayout:
     index_fp8: bool = False  # DeepSeek-V3.2: score the indexer in FP8 (as DeepSeek's kernels) instead of float
     # MTP speculative decoding: drafts per step for requests that do not say (0: off, the MTP layer is not loaded)
     speculative_tokens: int = 0
+    # model steps per actor call while every sequence decodes (fewer Ray round trips; 1: one per call)
+    decode_steps: int = 1
     # {every_steps, window_steps, min_gain}: re-plan expert placement from the load (absent: off)
     balance: dict[str, float] | None = None
     # {min_expert_actors, max_expert_actors, scale_out_rows, scale_in_rows, window_steps, cooldown_steps}
@@ -42,7 +44,7 @@ class ClusterLayout:
 
     def __post_init__(self):
         for key in ("attention_shards", "expert_actors", "block_size", "num_blocks", "max_batch_tokens",
-                    "max_running", "torch_threads"):
+                    "max_running", "torch_threads", "decode_steps"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"layout: {key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= int(self.speculative_tokens) <= 8:

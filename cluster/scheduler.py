@@ -75,10 +75,12 @@ class Scheduler:
         """The engine recorded a sampled token for ``seq_id``."""
         self.seqs[seq_id].length += 1
 
-    def accepted(self, seq_id: int, drafts: int) -> None:
-        """The step verified ``drafts`` draft tokens past its chunk and kept them: their latents are cached."""
+    def settle(self, seq_id: int) -> None:
+        """The step's sampled tokens are recorded: every token but the last is now in the cache (a step
+        may compute more than its chunk: kept drafts, or several model steps in one call)."""
         if seq_id in self.seqs:
-            self.seqs[seq_id].computed += drafts
+            s = self.seqs[seq_id]
+            s.computed = max(s.computed, s.length - 1)
 
     def _grow_ahead(self, alloc: BlockAllocator, s: SeqState) -> None:
         """Room for speculative drafts, only from free blocks (never by preempting)."""

@@ -105,7 +105,6 @@ def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
         model = Transformer(args, torch.bfloat16)
     gen = torch.Generator().manual_seed(seed)
     modules = dict(model.named_modules())
-    fp8_linears = {n for n, m in modules.items() if isinstance(m, Linear) and m.fp8_block is not None}
     state = {}
     for name, p in model.named_parameters():
         if name.endswith("weight_scale_inv"):
@@ -124,7 +123,7 @@ def random_state_dict(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
         else:  # linear layers and the gate: unit-variance outputs for unit-variance inputs
             t = torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5
         state[name] = t.to(torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16)
-    for name in sorted(fp8_linears):
+    for name in _fp8_linears(args) if args.quant else []:
         state[name + ".weight"], state[name + ".weight_scale_inv"] = quantize_weight(
             state[name + ".weight"], args.quant.weight_block_size, args.quant.scale_fmt)
     return state
@@ -193,19 +192,56 @@ def write_checkpoint(out: str | Path, args: ModelArgs, state: dict[str, torch.Te
     return out
 
 
+PACKAGED = Path(__file__).resolve().parent / "weights" / "shakespeare"
+
+
 def default_checkpoint(fp8: bool = False) -> Path:
-    """The project's tiny demo checkpoint, written on first use under ``$RAYMOE_HOME``
-    (default ``~/.cache/raymoe``)."""
+    """The project's default model: the tiny DeepSeek-V3 trained on Shakespeare's plays that ships in
+    ``model/weights/shakespeare`` (``model/train.py`` made it). ``fp8``: its block-FP8 copy, written on
+    first use under ``$RAYMOE_HOME`` (default ``~/.cache/raymoe``)."""
+    if not (PACKAGED / "config.json").exists():
+        raise FileNotFoundError(f"the default checkpoint is missing from {PACKAGED}; reinstall raymoe or "
+                                "write one with `raymoe train-tiny` (or a random one with `raymoe make-tiny`)")
+    if not fp8:
+        return PACKAGED
     import os
+    import shutil
 
     home = Path(os.environ.get("RAYMOE_HOME", Path.home() / ".cache" / "raymoe"))
-    path = home / "checkpoints" / ("tiny-fp8" if fp8 else "tiny")
+    path = home / "checkpoints" / "shakespeare-fp8"
     if not (path / "config.json").exists():
         tmp = path.with_name(path.name + ".partial")
-        make_tiny(tmp, fp8=fp8)
+        quantize_checkpoint(PACKAGED, tmp)
         if path.exists():
-            import shutil
-
             shutil.rmtree(path)
         tmp.rename(path)
     return path
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, block: tuple[int, int] = (128, 128)) -> Path:
+    """A block-FP8 copy of the float checkpoint ``src`` (every weight DeepSeek quantises, with its
+    ``weight_scale_inv``), tokenizer and all, in ``out``."""
+    from safetensors.torch import load_file
+    from tokenizers import Tokenizer
+
+    src = Path(src)
+    args = ModelArgs.from_hf(src).replace(quant=QuantArgs(weight_block_size=block))
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    for name in _fp8_linears(args):
+        state[name + ".weight"], state[name + ".weight_scale_inv"] = quantize_weight(
+            state[name + ".weight"], block, args.quant.scale_fmt)
+    out = write_checkpoint(out, args, state, Tokenizer.from_file(str(src / "tokenizer.json")))
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    (Path(out) / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False))
+    return Path(out)
+
+
+def _fp8_linears(args: ModelArgs) -> list[str]:
+    """Names of the linear layers that are block-FP8 in a checkpoint with ``args.quant``."""
+    from model.transformer import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(args, torch.bfloat16)
+    return sorted(n for n, m in model.named_modules() if isinstance(m, Linear) and m.fp8_block is not None)

@@ -85,6 +85,12 @@ def fetch_data(cache: Path) -> Path:
     return path
 
 
+def data_cache() -> Path:
+    import os
+
+    return Path(os.environ.get("RAYMOE_HOME", Path.home() / ".cache" / "raymoe")) / "data"
+
+
 def strip_gutenberg(text: str) -> str:
     """The text between Project Gutenberg's START and END markers when it has them, with Windows
     line ends made plain."""
@@ -334,6 +340,34 @@ def nats(net: TrainNet, chunks: list[list[int]], batch: int = 16) -> float:
     return total
 
 
+@torch.no_grad()
+def routing_skew(net: TrainNet, chunks: list[list[int]]) -> dict[str, dict]:
+    """Per MoE layer over ``chunks``: each expert's share of the routed choices, and max/mean."""
+    loads: dict[int, torch.Tensor] = {}
+    for c in chunks:
+        _, _, aux = net.forward(torch.tensor([c]))
+        for layer, load, _ in aux:
+            loads[layer] = loads.get(layer, 0) + load.float()
+    return {str(layer): {"max_over_mean": round(float(load.max() / load.mean()), 3),
+                         "min_over_mean": round(float(load.min() / load.mean()), 3),
+                         "share": [round(float(x), 4) for x in load / load.sum()]}
+            for layer, load in sorted(loads.items())}
+
+
+SAMPLE_PROMPTS = ["KING. Now, lords, what news from France?", "ROMEO. I dreamt a dream to-night.",
+                  "First Citizen. Before we proceed any further, hear me speak."]
+
+
+def samples(path: Path, max_new_tokens: int = 48) -> list[dict]:
+    """Greedy continuations of a few prompts by the written checkpoint (the inference path)."""
+    from model.generate import LocalLLM
+    from model.sampling import SamplingParams
+
+    llm = LocalLLM(path, dtype="float32", progress=False)
+    out = llm.generate(SAMPLE_PROMPTS, SamplingParams(temperature=0, max_new_tokens=max_new_tokens))
+    return [{"prompt": p, "greedy": r.text} for p, r in zip(SAMPLE_PROMPTS, out, strict=True)]
+
+
 # ---------------------------------------------------------------- the loss curve picture
 
 
@@ -384,7 +418,7 @@ def train(out: Path, cfg: TrainConfig, data: Path | None = None, progress: bool 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     started = time.time()
-    source = data or fetch_data(Path.home() / ".cache" / "raymoe" / "data")
+    source = data or fetch_data(data_cache())
     train_texts, held_out = split_texts(read_texts(Path(source)))
     base = ModelArgs.from_preset(cfg.preset)
     tok = train_tokenizer(base.vocab_size, cfg.seed, texts=list(train_texts.values()))
@@ -465,8 +499,10 @@ def train(out: Path, cfg: TrainConfig, data: Path | None = None, progress: bool 
         "curves": {"train": train_curve, "mtp": mtp_curve, "held_out_probe": val_curve},
         "gate_bias": {str(k): [round(x, 4) for x in v.tolist()] for k, v in net.biases.items()},
     }
+    report["routing_skew_held_out"] = routing_skew(net, probe)
     out.mkdir(parents=True, exist_ok=True)
     write_checkpoint(out, args, net.state_dict(), tok)
+    report["samples"] = samples(out)
     (out / "training.json").write_text(json.dumps(report, indent=1))
     smooth = [(s, sum(v for _, v in train_curve[max(0, i - 24):i + 1]) / len(train_curve[max(0, i - 24):i + 1]))
               for i, (s, _) in enumerate(train_curve)]
