@@ -27,7 +27,14 @@ def summary_markdown(stats: dict) -> str:
             f"**Throughput** {stats['tokens_per_s']:.1f} tokens/s (last 10 s) &nbsp; "
             f"**Time to first token** {ms(stats['ttft_s'])} &nbsp; **Time per output token** {ms(stats['tpot_s'])}"
             f"<br>steps {int(t.get('steps', 0))}, tokens generated {int(t.get('tokens_generated', 0))}, "
-            f"preemptions {stats['preemptions']}")
+            f"preemptions {stats['preemptions']}{_speculative(stats.get('speculative'))}")
+
+
+def _speculative(spec: dict | None) -> str:
+    if not spec or not spec.get("draft_tokens"):
+        return ""
+    return (f"<br>**MTP drafts** {spec['draft_tokens']} verified, {spec['accepted_tokens']} kept "
+            f"(acceptance {spec['acceptance_rate']:.2f})")
 
 
 def load_heatmap_html(expert_load: dict, which: str = "window") -> str:

@@ -1,8 +1,8 @@
-"""The Cluster tab's expert panels, from a written-down stats dict."""
+"""The Cluster tab's expert panels and summary, from written-down stats dicts."""
 
 import re
 
-from ui.cluster_view import expert_bars_html, load_heatmap_html
+from ui.cluster_view import expert_bars_html, load_heatmap_html, summary_markdown
 
 STATS = {
     "placement_version": 3,
@@ -33,3 +33,16 @@ def test_bars_before_any_report():
 def test_heatmap_badges_replicated_experts():
     page = load_heatmap_html(STATS["expert_load"])
     assert page.count("<sup>x2</sup>") == 1 and "expert 0: 90 tokens, 2 copies" in page
+
+
+def _stats(spec):
+    return {"totals": {"steps": 3, "tokens_generated": 9}, "tokens_per_s": 1.0, "ttft_s": None, "tpot_s": 0.01,
+            "preemptions": 0, "health": {"state": "healthy"}, "speculative": spec}
+
+
+def test_summary_shows_acceptance():
+    text = summary_markdown(_stats({"tokens": 2, "draft_tokens": 8, "accepted_tokens": 6, "acceptance_rate": 0.75}))
+    assert "8 verified, 6 kept (acceptance 0.75)" in text
+    assert "MTP" not in summary_markdown(_stats({"tokens": 0, "draft_tokens": 0, "accepted_tokens": 0,
+                                                 "acceptance_rate": None}))
+    assert "MTP" not in summary_markdown(_stats(None))
