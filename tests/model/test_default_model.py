@@ -61,3 +61,19 @@ def test_held_out_hamlet_by_transformers(path):
     measured = total / chars
     assert measured == pytest.approx(report["held_out"]["nats_per_char"], abs=2e-3)
     assert measured <= GOAL_NATS_PER_CHAR
+
+
+def test_trained_mtp_layer_drafts_what_the_model_says(path):
+    """Greedy with MTP drafts is plain greedy, and the trained MTP layer's drafts are mostly kept
+    (a random MTP layer's almost never are)."""
+    from model.generate import LocalLLM
+    from model.sampling import SamplingParams
+
+    llm = LocalLLM(path, dtype="float32", progress=False, mtp=True)
+    prompts = ["KING. Now, lords, what news from France?", "ROMEO. I dreamt a dream to-night.",
+               "Enter a Messenger.", "QUEEN. My lord, the"]
+    plain = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=32, speculative_tokens=0))
+    spec = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=32, speculative_tokens=1))
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    drafts, kept = sum(r.draft_tokens for r in spec), sum(r.accepted_tokens for r in spec)
+    assert drafts > 0 and kept / drafts >= 0.5, (kept, drafts)
