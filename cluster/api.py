@@ -87,7 +87,7 @@ class RayMoE:
     def start(cls, model: str | Path | None = None, layout: ClusterLayout | str | Path | None = None,
               address: str | None = None, loopback: bool = True, need_tokenizer: bool = False,
               **layout_overrides) -> RayMoE:
-        """Bring up a cluster on the checkpoint ``model`` (default: the tiny demo checkpoint), in
+        """Bring up a cluster on the checkpoint ``model`` (default: the default model, model/weights/shakespeare), in
         embedded Ray (on 127.0.0.1 only unless ``loopback`` is false) or the cluster at ``address``.
         The checkpoint is checked here, before any actor starts (config, file headers, every tensor
         the model needs, and the tokenizer when ``need_tokenizer``): a bad one is one clear error."""

@@ -1,7 +1,8 @@
 """``raymoe bench cluster``: tokens/s of the cluster (several layouts) against the single process,
 at several batch sizes, in one run, with the per-step breakdown (attention, gate, dispatch, expert
 compute, combine, scheduler). Greedy decoding of equal-length random prompts; tokens/s counts
-generated tokens over the whole request (prefill included) for both.
+generated tokens over the whole request (prefill included) for both. ``--decode-steps 1,4`` measures
+each layout with that many model steps per actor call (the layout's ``decode_steps``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ def main(args) -> int:
     path = model_dir(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     layouts = [tuple(int(v) for v in lay.split("x")) for lay in (args.layouts or "1x2,2x2").split(",")]
+    decode_steps = [int(n) for n in (getattr(args, "decode_steps", None) or "1").split(",")]
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     local = LocalLLM(path, dtype=args.dtype, progress=False)
@@ -42,23 +44,26 @@ def main(args) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
-        for shards, experts in layouts:
-            with RayMoE.start(path, attention_shards=shards, expert_actors=experts, dtype=args.dtype) as llm:
+        for (shards, experts), steps in [(lay, n) for lay in layouts for n in decode_steps]:
+            with RayMoE.start(path, attention_shards=shards, expert_actors=experts, dtype=args.dtype,
+                              decode_steps=steps) as llm:
                 for b in batch_sizes:
                     before = dict(llm.engine.totals)
                     tok_s = rate(lambda p: llm.generate(p, params), b)
                     after = llm.engine.totals
-                    steps = after["steps"] - before.get("steps", 0)
-                    breakdown = {k: (after[k] - before.get(k, 0)) / steps * 1e3 for k in after
+                    calls = after["steps"] - before.get("steps", 0)
+                    model_steps = after["model_steps"] - before.get("model_steps", 0)
+                    breakdown = {k: (after[k] - before.get(k, 0)) / model_steps * 1e3 for k in after
                                  if k.endswith("seconds") or "." in k}
-                    rows.append({"layout": f"{shards}x{experts}", "batch": b, "tok_s": tok_s,
-                                 "ms_per_step": breakdown})
+                    name = f"{shards}x{experts}" + (f" N={steps}" if len(decode_steps) > 1 or steps > 1 else "")
+                    rows.append({"layout": name, "decode_steps": steps, "batch": b, "tok_s": tok_s,
+                                 "calls": calls, "model_steps": model_steps, "ms_per_step": breakdown})
     finally:
         ray.shutdown()
     base = {r["batch"]: r["tok_s"] for r in rows if r["layout"] == "single process"}
     print(f"tokens/s ({args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, two runs each; "
           "the second is timed)")
-    print(f"{'layout':>14} {'batch':>5} | {'tok/s':>8} | {'vs single':>9} | ms per step: "
+    print(f"{'layout':>14} {'batch':>5} | {'tok/s':>8} | {'vs single':>9} | ms per model step: "
           "attention+dense gate dispatch experts combine scheduler")
     for r in rows:
         r["ratio_vs_single"] = r["tok_s"] / base[r["batch"]]

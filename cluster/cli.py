@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_tiny)
 
     p = sub.add_parser("generate", help="generate text for prompts")
-    p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
+    p.add_argument("--model", help="checkpoint folder (default: the default model, model/weights/shakespeare)")
     p.add_argument("--local", action="store_true", help="run the whole model in this process, without Ray")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
     p.add_argument("--prompt-ids", action="append", default=[], help="a prompt as token ids: 1,2,3")
@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="start the cluster and the web page (chat + cluster dashboard)")
-    p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
+    p.add_argument("--model", help="checkpoint folder (default: the default model, model/weights/shakespeare)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--allow-remote", action="store_true", help="allow a --host other than loopback")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("batch", help="generate for a JSON-lines file (resumable; works as a Ray job)")
     p.add_argument("--input", required=True, help="JSON lines: {id, prompt | messages, sampling fields...}")
     p.add_argument("--output", required=True, help="JSON lines, one per input id; re-runs resume")
-    p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
+    p.add_argument("--model", help="checkpoint folder (default: the default model, model/weights/shakespeare)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="compute dtype (default: the layout's, bfloat16 in configs/cluster/local.yaml)")
     p.add_argument("--no-progress", action="store_true")
@@ -152,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     p.add_argument("what", choices=["generate", "cluster", "balance", "sparse", "kernels", "spec"])
     p.add_argument("--ks", default=None, help="spec: draft tokens per step to measure (default 1,2,3)")
+    p.add_argument("--decode-steps", default=None, help="cluster: model steps per actor call to measure (1,4)")
     p.add_argument("--contexts", default=None, help="sparse: context lengths (default 512,...,16384)")
-    p.add_argument("--model", help="checkpoint folder (default: the tiny demo checkpoint)")
+    p.add_argument("--model", help="checkpoint folder (default: the default model, model/weights/shakespeare)")
     p.add_argument("--batch-sizes", default=None, help="default 1,8,32 (spec: 1,8)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)

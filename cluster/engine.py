@@ -417,8 +417,9 @@ class Engine:
         self.totals["accepted_tokens"] += step_accepted
         generated = sum(len(appended) for _, appended in steps)
         # figures first, so that a reader woken by the events below sees them
+        model_steps = outputs[0].steps if outputs else 1
         self.totals["steps"] += 1
-        self.totals["model_steps"] += outputs[0].steps if outputs else 1
+        self.totals["model_steps"] += model_steps
         self.totals["tokens_generated"] += generated
         self.totals["tokens_computed"] += sum(o.num_tokens for o in outputs)
         self.recent.append((now, generated))
@@ -445,7 +446,8 @@ class Engine:
             "shards": [{"shard": i, "waiting": len(sh.waiting), "running": len(sh.running),
                         "blocks_used": self.scheduler.blocks_used(i)} for i, sh in enumerate(self.scheduler.shards)],
             "phases": dict(phases),
-            "expert_rows": [sum(o.rows) for o in expert_outputs],
+            # per model step (a call may run several): the autoscaling signal is rows per actor per step
+            "expert_rows": [sum(o.rows) / model_steps for o in expert_outputs],
             "expert_rows_total": [o.rows_total for o in expert_outputs],
         })
         self.totals["scheduler_seconds"] += time.perf_counter() - t0

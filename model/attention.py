@@ -38,9 +38,10 @@ class AttnMeta:
     slot_mapping: torch.Tensor
     query_starts: list[int]
     context_slots: list[torch.Tensor]
-    # decode steps (one query token per sequence) also carry the paged view for the batched kernel
-    block_table: torch.Tensor | None = None  # [B, max_blocks] int32
-    seq_lens: torch.Tensor | None = None  # [B] context length including this step's token
+    # steps of a few tokens per sequence (decode, draft verification) also carry the paged view for the
+    # batched kernel, one row per query token (its sequence's blocks)
+    block_table: torch.Tensor | None = None  # [T, max_blocks] int32
+    seq_lens: torch.Tensor | None = None  # [T] causal context length of each query token (position + 1)
     block_size: int = 0
     cos: torch.Tensor | None = None  # [T, rope/2], filled in by the model once per step
     sin: torch.Tensor | None = None

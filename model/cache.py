@@ -14,6 +14,8 @@ from model.attention import AttnMeta
 from model.blocks import BlockAllocator
 from model.config import ModelArgs
 
+PAGED_ROWS_MAX = 16  # chunks up to this many tokens use the batched paged attention, one row per token
+
 
 class MLACache:
     """Per-layer latent and rope-key pools: ``kv[layer]`` [slots, kv_lora_rank], ``pe[layer]`` [slots, rope];
@@ -64,11 +66,14 @@ class MLACache:
         empty = torch.empty(0, dtype=torch.long, device=self.device)
         meta = AttnMeta(torch.cat(positions) if seqs else empty, torch.cat(slot_mapping) if seqs else empty,
                         starts, ctx)
-        if seqs and all(end - start == 1 for _, start, end in seqs):
-            rows = [tables[seq_id] for seq_id, _, _ in seqs]
+        if seqs and all(end - start <= PAGED_ROWS_MAX for _, start, end in seqs):
+            # decode and verification steps (a few tokens per sequence): every query row gets its own
+            # row in the paged view, its sequence's blocks with the causal length of its position
+            rows = [tables[seq_id] for seq_id, start, end in seqs for _ in range(start, end)]
             width = max(len(t) for t in rows)
             meta.block_table = torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.int32,
                                             device=self.device)
-            meta.seq_lens = torch.tensor([end for _, _, end in seqs], dtype=torch.long, device=self.device)
+            meta.seq_lens = torch.tensor([p + 1 for _, start, end in seqs for p in range(start, end)],
+                                         dtype=torch.long, device=self.device)
             meta.block_size = self.allocator.block_size
         return meta
