@@ -68,7 +68,9 @@ def run_one(path, shards: int, experts: int, spare: int, dtype: str, prompts, pa
 
     from cluster.api import RayMoE
 
-    with RayMoE.start(path, attention_shards=shards, expert_actors=experts, spare_slots=spare, dtype=dtype) as llm:
+    # one model step per call: the figures are per step (the longest step during the change)
+    with RayMoE.start(path, attention_shards=shards, expert_actors=experts, spare_slots=spare, dtype=dtype,
+                      decode_steps=1) as llm:
         llm.generate(prompts, params)  # warm-up: the router's window fills with this load
         tok_before, ratio_before = _measure(llm, prompts, params)
         old = llm.placement
@@ -78,7 +80,7 @@ def run_one(path, shards: int, experts: int, spare: int, dtype: str, prompts, pa
             mark = len(llm.engine.step_seconds)
             load = threading.Thread(target=llm.generate, args=(prompts, params))
             load.start()  # the change is applied while this batch is in flight
-            while len(llm.engine.step_seconds) < mark + 3:
+            while len(llm.engine.step_seconds) < mark + 3 and load.is_alive():
                 time.sleep(0.005)
             t0 = time.perf_counter()
             llm.engine.request_placement(plan.placement).result(600)
