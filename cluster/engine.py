@@ -116,7 +116,7 @@ class Engine:
             seq.speculative_tokens = speculative_for(seq.params, self.speculative_tokens, self.have_mtp)
             k = seq.speculative_tokens
             self.scheduler.add(seq_id, len(seq.prompt_ids), len(seq.prompt_ids) + seq.max_new,
-                               lookahead=2 * k + (self.decode_steps - 1) * (1 + k))
+                               lookahead=2 * k + (self.decode_steps - 1) * (1 + k), drafts=k)
             self._next_id += 1
             self.requests[seq_id] = Request(seq)
             self._cv.notify()

@@ -23,6 +23,7 @@ class SeqState:
     computed: int = 0  # tokens whose latents are in the cache
     preemptions: int = 0
     lookahead: int = 0  # positions past `length` worth holding blocks for (speculative drafts), when free
+    drafts: int = 0  # draft tokens a decode chunk carries (they count against the token budget)
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Scheduler:
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
-    def add(self, seq_id: int, prompt_len: int, max_length: int, lookahead: int = 0) -> int:
+    def add(self, seq_id: int, prompt_len: int, max_length: int, lookahead: int = 0, drafts: int = 0) -> int:
         """Admit a sequence to the queue of the shard with the most room; returns the shard."""
         capacity = self.shards[0].allocator.num_blocks
         if self.blocks_for(max_length) > capacity:
@@ -67,7 +68,7 @@ class Scheduler:
             return (s.allocator.num_free - pending, -len(s.running) - len(s.waiting))
 
         shard = max(range(len(self.shards)), key=room)
-        self.seqs[seq_id] = SeqState(seq_id, shard, prompt_len, max_length, lookahead=lookahead)
+        self.seqs[seq_id] = SeqState(seq_id, shard, prompt_len, max_length, lookahead=lookahead, drafts=drafts)
         self.shards[shard].waiting.append(seq_id)
         return shard
 
@@ -82,8 +83,14 @@ class Scheduler:
             s = self.seqs[seq_id]
             s.computed = max(s.computed, s.length - 1)
 
+    def _trim_ahead(self, shard: ShardState) -> None:
+        """Every running sequence gives back the blocks it held past its length."""
+        for seq_id in shard.running:
+            shard.allocator.trim(seq_id, self.seqs[seq_id].length)
+
     def _grow_ahead(self, alloc: BlockAllocator, s: SeqState) -> None:
-        """Room for speculative drafts, only from free blocks (never by preempting)."""
+        """Room for speculative drafts and multi-step calls, only from free blocks: it is given back
+        before anything is preempted or a waiting prompt is held back (``_trim_ahead``)."""
         if s.lookahead:
             want = min(s.length + s.lookahead, s.max_length + s.lookahead // 2)
             if alloc.can_grow(s.seq_id, want):
@@ -136,23 +143,28 @@ class Scheduler:
         alloc = shard.allocator
         chunks: list[Chunk] = []
         budget = self.max_batch_tokens
-        # decode: one token each, oldest first; preempt the newest when blocks run out
+        if shard.waiting:  # prompts waiting to start come before room held ahead for drafts
+            self._trim_ahead(shard)
+        # decode: one token each (plus its drafts), oldest first; preempt the newest when blocks run out
         scheduled: list[int] = []
         for seq_id in list(shard.running):
-            if seq_id not in shard.running or budget == 0:
+            if seq_id not in shard.running or budget <= 0:
                 continue
             s = self.seqs[seq_id]
+            if not alloc.can_grow(seq_id, s.length):
+                self._trim_ahead(shard)
             while not alloc.can_grow(seq_id, s.length) and shard.running:
                 if self._preempt(shard) == seq_id:
                     break
             if seq_id not in shard.running:
                 continue
             alloc.grow(seq_id, s.length)
-            self._grow_ahead(alloc, s)
             scheduled.append(seq_id)
-            budget -= 1
+            budget -= 1 + s.drafts
         for seq_id in scheduled:
             s = self.seqs[seq_id]
+            if not shard.waiting:
+                self._grow_ahead(alloc, s)
             chunks.append(Chunk(seq_id, s.computed, s.length, True, tuple(alloc.tables[seq_id])))
         # prefill: waiting sequences in order, admitted only when the blocks for all their known tokens
         # are free; chunked by the token budget
@@ -163,8 +175,6 @@ class Scheduler:
                 break
             alloc.grow(seq_id, s.length)
             end = min(s.length, s.computed + budget)
-            if end == s.length:
-                self._grow_ahead(alloc, s)
             chunks.append(Chunk(seq_id, s.computed, end, end == s.length, tuple(alloc.tables[seq_id])))
             budget -= end - s.computed
             if end == s.length:

@@ -39,6 +39,16 @@ class BlockAllocator:
         table.extend(self._free.pop() for _ in range(need))
         self.lengths[seq_id] = max(self.lengths.get(seq_id, 0), new_len)
 
+    def trim(self, seq_id: int, length: int) -> None:
+        """Give back the blocks of ``seq_id`` past position ``length - 1`` (room held ahead)."""
+        table = self.tables.get(seq_id)
+        if table is None:
+            return
+        keep = -(-length // self.block_size)
+        self._free.extend(reversed(table[keep:]))
+        del table[keep:]
+        self.lengths[seq_id] = min(self.lengths.get(seq_id, 0), length)
+
     def free(self, seq_id: int) -> None:
         self._free.extend(reversed(self.tables.pop(seq_id, [])))
         self.lengths.pop(seq_id, None)

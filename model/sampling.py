@@ -146,5 +146,5 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         cum = sorted_p.cumsum(0)
         drop = cum - sorted_p > params.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p / sorted_p.sum())
     return probs

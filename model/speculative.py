@@ -7,10 +7,11 @@ every position in one pass and ``verify`` keeps the longest prefix of drafts tha
 agrees with, then adds the main model's own token after it (so a step emits 1..drafts+1 tokens):
 
 - greedy: a draft is kept when it is the argmax (the output is that of plain greedy decoding);
-- sampled: a draft ``d`` is kept with probability ``p(d)`` (``p``: the request's distribution
-  after temperature, top-k, top-p); at the first rejection the token is drawn from ``p`` with
-  ``d`` removed, renormalised. The drafts are greedy (a point mass), so this is the standard
-  rejection rule and every emitted token follows ``p`` exactly.
+- sampled: the position's token is drawn from ``p`` (the request's distribution after temperature,
+  top-k, top-p) with the position's own random stream, exactly as without drafts, and a draft is
+  kept when it is that token. The drafts are greedy (a point mass), so this is the standard
+  rejection rule (keep ``d`` with probability ``p(d)``, else draw from ``p`` without ``d``): every
+  emitted token follows ``p``, and the output is the one plain decoding gives for the seed.
 
 Drafting (``propose`` > 0): the MTP layer (DeepSeek's layer ``num_hidden_layers``) runs over every
 position whose token is now final, taking the main model's hidden state at ``p`` and the embedding
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from model.cache import MLACache
-from model.sampling import SamplingParams, position_generator, probabilities, sample
+from model.sampling import SamplingParams, position_generator, sample
 
 
 @dataclass
@@ -52,33 +53,17 @@ class ChunkResult:
 def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, position: int):
     """``logits`` [len(drafts)+1, vocab]: the main model's scores for positions ``position..``;
     returns the emitted ``(token, top, logprob)`` list (the kept drafts and one more) and how many
-    drafts were kept."""
+    drafts were kept.
+
+    Each position's token is drawn exactly as without drafts (``sample`` with the position's own
+    random stream) and a draft is kept when it is that token. For a greedy draft (a point mass)
+    this is the rejection rule: the draft survives with probability ``p(d)``, and otherwise the
+    token follows ``p`` without ``d``. So every token follows the request's distribution, and a
+    seeded request gives the same text with or without drafts."""
     out = []
     for j in range(len(drafts) + 1):
-        gen = position_generator(params, position + j, logits.device)
-        row = logits[j]
-        if j == len(drafts):
-            out.append(sample(row, params, gen))
-            break
-        d = drafts[j]
-        if params.greedy:
-            token = int(row.argmax())
-        else:
-            p = probabilities(row, params)
-            u = float(torch.rand((), generator=gen, device=p.device))
-            if u < float(p[d]):
-                token = d
-            else:
-                residual = p.clone()
-                residual[d] = 0.0
-                token = int(torch.multinomial(residual / residual.sum(), 1, generator=gen))
-        top, lp = [], None
-        if params.logprobs:
-            logp = torch.log_softmax(row.float(), dim=-1)
-            vals, idx = logp.topk(min(params.logprobs, logp.numel()))
-            top, lp = list(zip(idx.tolist(), vals.tolist(), strict=True)), float(logp[token])
-        out.append((token, top, lp))
-        if token != d:
+        out.append(sample(logits[j], params, position_generator(params, position + j, logits.device)))
+        if j == len(drafts) or out[-1][0] != drafts[j]:
             break
     return out, len(out) - 1
 

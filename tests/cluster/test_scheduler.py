@@ -75,3 +75,43 @@ def test_request_larger_than_a_shard_is_rejected():
     s = Scheduler(num_shards=1, num_blocks=2, block_size=4, max_batch_tokens=64)
     with pytest.raises(ValueError, match="cache blocks"):
         s.add(0, prompt_len=5, max_length=20)
+
+
+def _two_holding_room():
+    """Two running sequences; the first holds 2 blocks past its length, no block is free."""
+    s = Scheduler(num_shards=1, num_blocks=6, block_size=4, max_batch_tokens=64)
+    s.add(0, prompt_len=4, max_length=20, lookahead=8, drafts=2)
+    s.add(1, prompt_len=4, max_length=20, lookahead=8, drafts=2)
+    _run_step(s)  # both prefilled (one block each), each samples
+    a, b = _run_step(s)[0]  # decode: room ahead from the free blocks, oldest first
+    assert {c.seq_id: len(c.block_table) for c in (a, b)} == {0: 4, 1: 2}
+    assert s.shards[0].allocator.num_free == 0
+    return s
+
+
+def test_room_held_for_drafts_is_given_back_before_preempting():
+    """Blocks held past a sequence's length (for drafts) come from free blocks only: they are given
+    back when another running sequence needs a block, and never cause a preemption."""
+    s = _two_holding_room()
+    for _ in range(4):  # sequence 1 outgrows its two blocks: sequence 0's room ahead is trimmed instead
+        _run_step(s)
+    tables = s.shards[0].allocator.tables
+    assert s.num_preemptions == 0 and len(tables[0]) == len(tables[1]) == 3
+    assert s.seqs[1].length == 10 and s.seqs[1].computed == 9
+
+
+def test_room_held_for_drafts_is_given_back_to_a_waiting_prompt():
+    s = _two_holding_room()
+    s.add(2, prompt_len=4, max_length=8)
+    chunks = _run_step(s)[0]
+    assert [(c.seq_id, c.sample) for c in chunks] == [(0, True), (1, True), (2, True)]
+    assert s.num_preemptions == 0 and len(s.shards[0].allocator.tables[0]) == 2
+
+
+def test_drafts_count_against_the_token_budget():
+    s = Scheduler(num_shards=1, num_blocks=64, block_size=4, max_batch_tokens=7)
+    for i in range(4):
+        s.add(i, prompt_len=1, max_length=20, drafts=2)
+    _run_step(s)  # all four prefilled (1 token each)
+    decode = _run_step(s)[0]
+    assert len(decode) == 3  # 3 x (1 + 2 drafts) = 9 >= 7: the fourth waits for the next step

@@ -86,24 +86,29 @@ def _fresh(model, length):
 def test_rejection_sampling_keeps_the_distribution():
     """First emitted token over many seeds: its frequencies match p, whatever the draft."""
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0, 0.0])
-    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3)):
+    for params in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=3),
+                   SamplingParams(temperature=1.0, top_p=0.6)):
         p = probabilities(logits, params)
         for draft in (0, 3):
             counts = torch.zeros(5)
             for seed in range(6000):
-                sp = SamplingParams(temperature=params.temperature, top_k=params.top_k, seed=seed)
+                sp = SamplingParams(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p, seed=seed)
                 out, accepted = verify(torch.stack([logits, logits]), [draft], sp, 7)
                 counts[out[0][0]] += 1
                 assert accepted == (1 if out[0][0] == draft else 0)
             assert (counts / counts.sum() - p).abs().max() < 0.025, (params, draft, counts / counts.sum(), p)
 
 
-def test_sampled_speculative_generation(llm):
-    params = SamplingParams(temperature=0.8, top_p=0.9, seed=3, max_new_tokens=20, speculative_tokens=2)
-    a = llm.generate(PROMPTS[:2], params)
-    b = llm.generate(PROMPTS[:2], params)
-    assert [r.output_ids for r in a] == [r.output_ids for r in b]  # seeded: reproducible
-    assert all(len(r.output_ids) == 20 and r.draft_tokens > 0 for r in a)
+@pytest.mark.parametrize("top_p", [1.0, 0.3])
+def test_sampled_speculative_generation_is_plain_sampling(llm, top_p):
+    """Seeded sampling gives the same tokens with and without drafts (each position draws from its
+    own stream; a draft is kept when it is the drawn token), even with a top-p that leaves one token."""
+    params = dict(temperature=0.8, top_p=top_p, seed=3, max_new_tokens=20)
+    plain = llm.generate(PROMPTS, SamplingParams(**params, speculative_tokens=0))
+    for k in (1, 3):
+        spec = llm.generate(PROMPTS, SamplingParams(**params, speculative_tokens=k))
+        assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+        assert all(len(r.output_ids) == 20 and r.draft_tokens > 0 for r in spec)
 
 
 def test_speculative_needs_the_mtp_layer(tiny_dir):
