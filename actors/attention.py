@@ -78,6 +78,7 @@ class AttentionShard:
         works = [ChunkWork(c.seq_id, c.start, c.tokens, c.sample, self.samplers.get(c.seq_id), c.drafts, c.propose,
                            c.next_token, len(c.block_table) * self.block_size) for c in plan.chunks]
         tables = {c.seq_id: c.block_table for c in plan.chunks}
+        self.dispatcher.capacity = plan.capacity_tokens * self.args.num_experts_per_tok
         chunks = {c.seq_id: c for c in plan.chunks}
         sampled, drafts, computed = {}, {}, 0
         for _ in range(plan.decode_steps):  # every call runs them all: the expert actors step in lockstep

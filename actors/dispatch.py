@@ -1,9 +1,13 @@
 """Dispatch and combine: routed tokens go to the expert actors that hold their chosen physical
 experts and come back, per MoE layer, over ``all_to_all_single`` with uneven splits.
 
-Both sides run the same three collectives per MoE layer, in order: counts, rows (each row's bytes
-followed by the 8 bytes of its slot id), results. Every tensor of the data plane stays on the
-actor's device (NCCL takes device tensors only); the one host sync per layer is reading the counts.
+Both sides run the same collectives per MoE layer, in order: counts, rows (each row's bytes followed
+by the 8 bytes of its slot id), results. When the step's rows fit fixed-capacity buffers (the engine
+gives every actor the same bound on any shard's tokens per model step, so all sides decide alike),
+the counts exchange is skipped: each shard sends every expert actor exactly ``capacity`` rows, the
+unused ones with slot id -1, and the expert actor counts the valid rows it got. Every tensor of the
+data plane stays on the actor's device (NCCL takes device tensors only); the one host sync per
+layer is reading the counts.
 """
 
 from __future__ import annotations
@@ -20,6 +24,15 @@ from kernels.moe import sort_by_expert
 from model.moe import Routing
 
 SLOT_BYTES = 8  # an int64 slot id rides at the end of each row
+CAPACITY_BYTES = 16 * 2**20  # fixed-capacity buffers up to this size per rank and MoE layer
+
+
+def fixed_capacity(capacity: int, info: GroupInfo, row_bytes: int) -> bool:
+    """Whether a layer's rows go out in fixed-capacity buffers (``capacity`` rows per shard and expert
+    actor; 0: the step has no bound) instead of after a counts exchange. Both sides decide it from
+    the same figures."""
+    n_experts = info.world_size - info.num_attention
+    return capacity > 0 and capacity * max(info.num_attention, n_experts) * row_bytes <= CAPACITY_BYTES
 
 
 def pack_rows(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
@@ -55,6 +68,7 @@ class Dispatcher:
         self.info, self.group, self.table, self.timer = info, group, table, timer
         self.n_experts = n_experts
         self.load: dict[int, torch.Tensor] = {}  # layer -> tokens per logical expert this step
+        self.capacity = 0  # rows per expert actor and layer this step (0: exchange the counts)
 
     def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         t = time.perf_counter()
@@ -65,9 +79,24 @@ class Dispatcher:
         order, token, offsets = sort_by_expert(rank.view_as(routing.indices), self.info.world_size)
         send = offsets.diff()
         t = self.timer.add("gate", t)
-        recv = exchange_counts(send, self.group)
-        send_l, recv_l = send.tolist(), recv.tolist()
-        all_to_all_rows(pack_rows(x[token], slot[order]), send_l, recv_l, self.group)
+        packed = pack_rows(x[token], slot[order])
+        info, cap = self.info, self.capacity
+        if fixed_capacity(cap, info, packed.shape[1]):
+            send_l, recv_l = send.tolist(), [0] * info.world_size
+            if max(send_l) > cap:
+                raise RuntimeError(f"layer {layer}: {max(send_l)} rows for one expert actor, capacity {cap}")
+            dest = rank.flatten()[order] - info.num_attention
+            pos = dest * cap + torch.arange(len(order), device=x.device) - offsets[dest + info.num_attention]
+            buffer = torch.zeros(cap * (info.world_size - info.num_attention), packed.shape[1], dtype=torch.uint8,
+                                 device=x.device)
+            buffer[:, -SLOT_BYTES:] = 255  # slot id -1: an unused row
+            buffer[pos] = packed
+            all_to_all_rows(buffer, [0] * info.num_attention + [cap] * (info.world_size - info.num_attention),
+                            recv_l, self.group)
+        else:
+            recv = exchange_counts(send, self.group)
+            send_l, recv_l = send.tolist(), recv.tolist()
+            all_to_all_rows(packed, send_l, recv_l, self.group)
         t = self.timer.add("dispatch", t)
         back = all_to_all_rows(x.new_empty(0, x.shape[1]), recv_l, send_l, self.group)  # [T*k, hidden]
         t = self.timer.add("combine_wait", t)
@@ -78,16 +107,28 @@ class Dispatcher:
 
 
 def serve_expert_layer(info: GroupInfo, group, bank: ExpertBank, hidden: int, dtype: torch.dtype,
-                       timer: Timer) -> list[int]:
-    """The expert actor's side of one MoE layer; returns the rows it computed per slot."""
+                       timer: Timer, capacity: int = 0) -> list[int]:
+    """The expert actor's side of one MoE layer; returns the rows it computed per slot. ``capacity``:
+    rows per shard this step, as the shards' dispatchers have it."""
     t = time.perf_counter()
     device = bank.device
-    send = torch.zeros(info.world_size, dtype=torch.int64, device=device)
-    recv = exchange_counts(send, group)
-    send_l, recv_l = send.tolist(), recv.tolist()
     row_bytes = hidden * dtype.itemsize + SLOT_BYTES
-    packed = all_to_all_rows(torch.empty(0, row_bytes, dtype=torch.uint8, device=device), send_l, recv_l, group)
-    rows, slots = unpack_rows(packed, hidden, dtype)
+    nothing = torch.empty(0, row_bytes, dtype=torch.uint8, device=device)
+    if fixed_capacity(capacity, info, row_bytes):
+        send_l = [0] * info.world_size
+        packed = all_to_all_rows(nothing, send_l, [capacity] * info.num_attention
+                                 + [0] * (info.world_size - info.num_attention), group)
+        rows, slots = unpack_rows(packed, hidden, dtype)
+        valid = slots >= 0
+        recv_l = valid.view(info.num_attention, capacity).sum(dim=1).tolist() + [0] * (
+            info.world_size - info.num_attention)
+        rows, slots = rows[valid], slots[valid]
+    else:
+        send = torch.zeros(info.world_size, dtype=torch.int64, device=device)
+        recv = exchange_counts(send, group)
+        send_l, recv_l = send.tolist(), recv.tolist()
+        packed = all_to_all_rows(nothing, send_l, recv_l, group)
+        rows, slots = unpack_rows(packed, hidden, dtype)
     t = timer.add("dispatch", t)
     order, _, offsets = sort_by_expert(slots[:, None], bank.num_slots)
     counts = offsets.diff()

@@ -116,8 +116,9 @@ class ExpertGroup:
         return figures
 
     @torch.inference_mode()
-    def step(self, switch_to: int | None = None, steps: int = 1) -> ExpertStepOutput:
-        """Serve ``steps`` model steps (every MoE layer each), as the attention shards' call runs."""
+    def step(self, switch_to: int | None = None, steps: int = 1, capacity_tokens: int = 0) -> ExpertStepOutput:
+        """Serve ``steps`` model steps (every MoE layer each), as the attention shards' call runs;
+        ``capacity_tokens``: the call's bound on a shard's tokens per model step (``StepPlan``)."""
         self.timer.seconds.clear()
         if switch_to is not None and switch_to != self.version:
             self._switch(switch_to)
@@ -125,7 +126,8 @@ class ExpertGroup:
         for _ in range(steps):
             for i, layer in enumerate(self.args.moe_layers):
                 per_slot = serve_expert_layer(self.info, self.group, self.banks[layer], self.args.hidden_size,
-                                              self.dtype, self.timer)
+                                              self.dtype, self.timer,
+                                              capacity_tokens * self.args.num_experts_per_tok)
                 self.rows_per_slot[layer] = [a + b for a, b in zip(self.rows_per_slot[layer], per_slot,
                                                                    strict=True)]
                 rows[i] += sum(per_slot)

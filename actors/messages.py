@@ -32,6 +32,9 @@ class StepPlan:
     release: list[int] = field(default_factory=list)  # finished or cancelled sequences: drop their samplers
     placement: Placement | None = None  # route with this placement from this step on (a switch)
     decode_steps: int = 1  # model steps in this call: each sampling sequence feeds back its own tokens
+    # a bound on any shard's tokens in any model step of this call, the same for every actor (0: none);
+    # with it the MoE layers skip the counts exchange (actors/dispatch.py)
+    capacity_tokens: int = 0
 
 
 @dataclass

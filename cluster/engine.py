@@ -255,8 +255,9 @@ class Engine:
         if not any(p.chunks for p in plans) and switch_to is None:
             time.sleep(0.005)  # waiting for a placement to be staged: poll with empty steps
         steps = self._decode_steps(chunks, switch_to)
+        capacity = self._capacity_tokens(plans)
         for p in plans:
-            p.placement, p.decode_steps = placement, steps
+            p.placement, p.decode_steps, p.capacity_tokens = placement, steps, capacity
         t0 = time.perf_counter()
         try:
             outputs, expert_outputs = self._run(plans, switch_to)
@@ -279,6 +280,13 @@ class Engine:
         if any(sh.waiting for sh in self.scheduler.shards) or not all(c.sample for cs in chunks for c in cs):
             return 1
         return self.decode_steps
+
+    @staticmethod
+    def _capacity_tokens(plans: list[StepPlan]) -> int:
+        """A bound on any shard's tokens in any model step of the call: its chunks in the first, and
+        at most one token plus the drafts per sampling sequence in the ones it feeds itself."""
+        return max((max(sum(len(c.tokens) for c in p.chunks), sum(1 + c.propose for c in p.chunks if c.sample))
+                    for p in plans), default=0)
 
     def regroup(self, experts: list, placement) -> None:
         """Join the attention shards and ``experts`` in a new process group on ``placement`` (at a step
@@ -374,7 +382,8 @@ class Engine:
         """One lockstep step over every actor -> (attention outputs, expert outputs)."""
         t0 = time.perf_counter()
         attn_refs = [a.step.remote(p) for a, p in zip(self.attention, plans, strict=True)]
-        expert_refs = [e.step.remote(switch_to, plans[0].decode_steps if plans else 1) for e in self.experts]
+        steps, capacity = (plans[0].decode_steps, plans[0].capacity_tokens) if plans else (1, 0)
+        expert_refs = [e.step.remote(switch_to, steps, capacity) for e in self.experts]
         # fail fast: the first actor that dies ends the step (its peers may be stuck in a collective)
         pending = attn_refs + expert_refs
         deadline = t0 + self.step_timeout_s

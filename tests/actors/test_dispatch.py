@@ -77,12 +77,15 @@ def _recording_collectives(device, records):
     return exchange_counts, all_to_all_rows
 
 
+@pytest.mark.parametrize("capacity", [0, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dispatch_combine_equals_local_experts_and_keeps_tensors_on_the_device(tiny_dir, monkeypatch, dtype):
-    check_dispatch(tiny_dir, monkeypatch, dtype, "cpu")  # tests/gpu runs the same check with device="cuda"
+def test_dispatch_combine_equals_local_experts_and_keeps_tensors_on_the_device(tiny_dir, monkeypatch, dtype,
+                                                                               capacity):
+    """``capacity`` 0: the counts are exchanged; 37 (the step's tokens): fixed-capacity buffers."""
+    check_dispatch(tiny_dir, monkeypatch, dtype, "cpu", capacity)  # tests/gpu runs it with device="cuda"
 
 
-def check_dispatch(tiny_dir, monkeypatch, dtype, device):
+def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0):
     reader = CheckpointReader(tiny_dir)
     args = reader.args
     layer, n = args.moe_layers[0], args.n_routed_experts
@@ -112,12 +115,13 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device):
     def attention():
         info = GroupInfo(0, world, 1)
         d = Dispatcher(info, (box, 0), RoutingTable(plc, 1, device), n, Timer())
+        d.capacity = capacity_tokens * args.num_experts_per_tok
         out["y"] = d(layer, x, Routing(weights, indices))
         out["load"] = d.load[layer]
 
     def expert(a):
         served[a] = serve_expert_layer(GroupInfo(1 + a, world, 1), (box, 1 + a), banks[a], args.hidden_size,
-                                       dtype, Timer())
+                                       dtype, Timer(), capacity_tokens * args.num_experts_per_tok)
 
     def run(f, *a):
         try:
@@ -150,8 +154,10 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device):
         copies = plc.layers[layer][e]
         assert all(served[a][s] > 0 for a, s in copies)
     assert sum(map(sum, served.values())) == tokens * args.num_experts_per_tok
-    # three collectives per rank and layer: counts, packed rows, results
-    assert [k for k, _, _ in records].count("counts") == 3 and len(records) == 9
+    if capacity_tokens:  # two collectives per rank and layer: padded rows, results
+        assert [k for k, _, _ in records].count("counts") == 0 and len(records) == 6
+    else:  # three: counts, packed rows, results
+        assert [k for k, _, _ in records].count("counts") == 3 and len(records) == 9
     assert not violations, violations
     assert not cpu_calls, "a data-path tensor was copied to the host with .cpu()"
 
