@@ -82,7 +82,7 @@ class AttentionShard:
         chunks = {c.seq_id: c for c in plan.chunks}
         sampled, drafts, computed = {}, {}, 0
         for _ in range(plan.decode_steps):  # every call runs them all: the expert actors step in lockstep
-            results, _ = run_chunks(self.model, self.cache, works, tables)
+            results = run_chunks(self.model, self.cache, works, tables)
             computed += sum(len(w.tokens) for w in works)
             follow = []
             for w in works:

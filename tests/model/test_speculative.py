@@ -50,9 +50,9 @@ def test_drafts_are_the_mtp_layers_predictions(llm):
     cache.allocator.grow(0, 64)
     cap = 64
     # prefill in two chunks (the first only fills the MTP layer's cache), then sample + draft 2
-    r1, _ = run_chunks(model, cache, [ChunkWork(0, 0, prompt[:11], False, greedy, 0, 2, prompt[11], cap)])
+    r1 = run_chunks(model, cache, [ChunkWork(0, 0, prompt[:11], False, greedy, 0, 2, prompt[11], cap)])
     assert r1[0].drafts == [] and r1[0].tokens == []
-    r2, _ = run_chunks(model, cache, [ChunkWork(0, 11, prompt[11:], True, greedy, 0, 2, None, cap)])
+    r2 = run_chunks(model, cache, [ChunkWork(0, 11, prompt[11:], True, greedy, 0, 2, None, cap)])
     (t0, _, _), = r2[0].tokens
     seq = prompt + [t0]
     h, _, _ = _mtp_oracle(model, prompt, seq[1:])
@@ -67,7 +67,7 @@ def test_drafts_are_the_mtp_layers_predictions(llm):
 
     # a decode step verifying the two drafts: what it emits is the main model's greedy continuation
     drafts = r2[0].drafts
-    r3, _ = run_chunks(model, cache, [ChunkWork(0, len(seq) - 1, [t0] + drafts, True, greedy, 2, 2, None, cap)])
+    r3 = run_chunks(model, cache, [ChunkWork(0, len(seq) - 1, [t0] + drafts, True, greedy, 2, 2, None, cap)])
     full = model.logits(model(torch.tensor(seq + drafts), *_fresh(model, len(seq + drafts))))
     want = []
     for j in range(3):
