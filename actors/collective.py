@@ -48,8 +48,11 @@ def init_group(info: GroupInfo, master_addr: str, master_port: int) -> dist.Proc
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
     """Each rank's per-destination row counts [world] -> rows it will receive from each source."""
+    world, me = send_counts.shape[0], dist.get_rank(group)
     recv = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv, send_counts, group=group)
+    recv[me] = send_counts[me]
+    peers = [r for r in range(world) if r != me]
+    exchange([(r, send_counts[r:r + 1]) for r in peers], [(r, recv[r:r + 1]) for r in peers], group)
     return recv
 
 
@@ -60,5 +63,31 @@ def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[i
     row_bytes = x.shape[1] * x.element_size()
     send = x.contiguous().view(torch.uint8).reshape(x.shape[0], row_bytes)
     recv = torch.empty(sum(recv_counts), row_bytes, dtype=torch.uint8, device=x.device)
-    dist.all_to_all_single(recv, send, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group)
+    me = dist.get_rank(group)
+    sends, recvs = [], []
+    for peer, (out_rows, in_rows) in enumerate(zip(send.split(send_counts), recv.split(recv_counts), strict=True)):
+        if peer == me:
+            in_rows.copy_(out_rows)
+            continue
+        if out_rows.shape[0]:
+            sends.append((peer, out_rows))
+        if in_rows.shape[0]:
+            recvs.append((peer, in_rows))
+    exchange(sends, recvs, group)
     return recv.view(x.dtype).reshape(-1, x.shape[1])
+
+
+def exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]], group) -> None:
+    """Point-to-point sends and receives (peer rank, contiguous tensor), all in flight at once;
+    returns when every one is done.
+
+    The all-to-alls above are built on this rather than on ``all_to_all_single``: only the pairs
+    with rows to move exchange anything (attention shards never talk to each other, nor expert
+    actors), and no pair waits for another. On gloo over 3 ranks that is about 3x faster than
+    ``all_to_all_single`` (``raymoe bench cluster``); on NCCL ``batch_isend_irecv`` is one grouped launch.
+    """
+    ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs]
+    if ops:
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()

@@ -1,5 +1,6 @@
 """Dispatch and combine: routed tokens go to the expert actors that hold their chosen physical
-experts and come back, per MoE layer, over ``all_to_all_single`` with uneven splits.
+experts and come back, per MoE layer, as uneven all-to-alls (``actors.collective``: point-to-point
+sends and receives between the pairs that move rows).
 
 Both sides run the same collectives per MoE layer, in order: counts, rows (each row's bytes followed
 by the 8 bytes of its slot id), results. When the step's rows fit fixed-capacity buffers (the engine
