@@ -20,7 +20,7 @@ from model.cache import MLACache
 from model.checkpoint import load_model
 from model.generate import DTYPES
 from model.sampling import SamplingParams
-from model.speculative import ChunkWork, mtp_cache_layers, run_chunks
+from model.speculative import ChunkWork, assign_micro_batches, mtp_cache_layers, run_chunks
 
 
 class AttentionShard:
@@ -60,8 +60,9 @@ class AttentionShard:
         self.dispatcher = Dispatcher(self.info, self.group, table, self.args.n_routed_experts, self.timer)
         return placement.version
 
-    def _routed_experts(self, layer_id: int, x: torch.Tensor, routing) -> torch.Tensor:
-        """The model's routed experts: out to the expert actors and back, with the current table."""
+    def _routed_experts(self, layer_id: int, x: torch.Tensor, routing):
+        """The model's routed experts: out to the expert actors (returns the wait for the way back),
+        with the current table."""
         return self.dispatcher(layer_id, x, routing)
 
     @torch.inference_mode()
@@ -75,14 +76,17 @@ class AttentionShard:
         for c in plan.chunks:
             if c.params is not None:
                 self.samplers[c.seq_id] = c.params
+        parts = assign_micro_batches([len(c.tokens) for c in plan.chunks], plan.micro_batches)
         works = [ChunkWork(c.seq_id, c.start, c.tokens, c.sample, self.samplers.get(c.seq_id), c.drafts, c.propose,
-                           c.next_token, len(c.block_table) * self.block_size) for c in plan.chunks]
+                           c.next_token, len(c.block_table) * self.block_size, part)
+                 for c, part in zip(plan.chunks, parts, strict=True)]
         tables = {c.seq_id: c.block_table for c in plan.chunks}
         self.dispatcher.capacity = plan.capacity_tokens * self.args.num_experts_per_tok
         chunks = {c.seq_id: c for c in plan.chunks}
         sampled, drafts, computed = {}, {}, 0
         for _ in range(plan.decode_steps):  # every call runs them all: the expert actors step in lockstep
-            results = run_chunks(self.model, self.cache, works, tables)
+            self.dispatcher.load.clear()  # the load of the call's last model step is reported
+            results = run_chunks(self.model, self.cache, works, tables, plan.micro_batches)
             computed += sum(len(w.tokens) for w in works)
             follow = []
             for w in works:
@@ -115,7 +119,7 @@ def _follow_on(w: ChunkWork, r, chunk, emitted: int) -> ChunkWork | None:
         return None
     k = max(0, min(len(r.drafts), room, chunk.max_tokens - emitted - 1))
     return ChunkWork(w.seq_id, start, [r.tokens[-1][0]] + r.drafts[:k], True, w.params, k, w.propose, None,
-                     w.capacity)
+                     w.capacity, w.micro_batch)
 
 
 @ray.remote

@@ -8,6 +8,7 @@ gloo as well as NCCL.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -52,13 +53,20 @@ def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
     recv = torch.empty_like(send_counts)
     recv[me] = send_counts[me]
     peers = [r for r in range(world) if r != me]
-    exchange([(r, send_counts[r:r + 1]) for r in peers], [(r, recv[r:r + 1]) for r in peers], group)
+    start_exchange([(r, send_counts[r:r + 1]) for r in peers], [(r, recv[r:r + 1]) for r in peers], group)()
     return recv
 
 
 def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
     """Send the rows of ``x`` [N, width], ``send_counts[r]`` of them to rank ``r`` (in rank order);
     receive the rows sent to this rank, ``recv_counts[r]`` from rank ``r``, concatenated in rank order."""
+    return start_all_to_all_rows(x, send_counts, recv_counts, group)()
+
+
+def start_all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                          group) -> Callable[[], torch.Tensor]:
+    """``all_to_all_rows`` without waiting: the sends and receives are posted; the returned function
+    waits for them and gives the received rows."""
     assert x.dim() == 2, "rows must be a 2-D tensor"
     row_bytes = x.shape[1] * x.element_size()
     send = x.contiguous().view(torch.uint8).reshape(x.shape[0], row_bytes)
@@ -73,21 +81,30 @@ def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[i
             sends.append((peer, out_rows))
         if in_rows.shape[0]:
             recvs.append((peer, in_rows))
-    exchange(sends, recvs, group)
-    return recv.view(x.dtype).reshape(-1, x.shape[1])
+    wait = start_exchange(sends, recvs, group)
+
+    def received() -> torch.Tensor:
+        wait()
+        return recv.view(x.dtype).reshape(-1, x.shape[1])
+    return received
 
 
-def exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]], group) -> None:
-    """Point-to-point sends and receives (peer rank, contiguous tensor), all in flight at once;
-    returns when every one is done.
+def start_exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]],
+                   group) -> Callable[[], None]:
+    """Post point-to-point sends and receives (peer rank, contiguous tensor), all in flight at once;
+    the returned function waits until every one is done.
 
     The all-to-alls above are built on this rather than on ``all_to_all_single``: only the pairs
     with rows to move exchange anything (attention shards never talk to each other, nor expert
-    actors), and no pair waits for another. On gloo over 3 ranks that is about 3x faster than
-    ``all_to_all_single`` (``raymoe bench cluster``); on NCCL ``batch_isend_irecv`` is one grouped launch.
+    actors), no pair waits for another, and a receive can be posted before the rows it answers are
+    sent (``Dispatcher``). On gloo over 3 ranks a round trip takes about a third of the time of two
+    ``all_to_all_single`` calls; on NCCL ``batch_isend_irecv`` is one grouped launch.
     """
     ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
     ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs]
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
+    works = dist.batch_isend_irecv(ops) if ops else []
+
+    def wait() -> None:
+        for work in works:
             work.wait()
+    return wait

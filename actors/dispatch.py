@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
-from actors.collective import GroupInfo, all_to_all_rows, exchange_counts
+from actors.collective import GroupInfo, all_to_all_rows, exchange_counts, start_all_to_all_rows
 from actors.expert_bank import ExpertBank
 from actors.placement import RoutingTable
 from kernels.moe import sort_by_expert
@@ -71,10 +72,13 @@ class Dispatcher:
         self.load: dict[int, torch.Tensor] = {}  # layer -> tokens per logical expert this step
         self.capacity = 0  # rows per expert actor and layer this step (0: exchange the counts)
 
-    def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def __call__(self, layer: int, x: torch.Tensor, routing: Routing) -> Callable[[], torch.Tensor]:
+        """Send the routed rows of ``x`` out; returns the function that waits for the experts' results
+        and sums them per token (the caller computes something else in between: ``MoE.stages``)."""
         t = time.perf_counter()
         flat = routing.indices.flatten()
-        self.load[layer] = torch.bincount(flat, minlength=self.n_experts)  # on the device; read after the step
+        load = torch.bincount(flat, minlength=self.n_experts)  # on the device; read after the step
+        self.load[layer] = load if layer not in self.load else self.load[layer] + load
         rank, slot = self.table.choose(layer, routing.indices)  # [T * top_k] each
         # group the rows by destination rank
         order, token, offsets = sort_by_expert(rank.view_as(routing.indices), self.info.world_size)
@@ -92,19 +96,26 @@ class Dispatcher:
                                  device=x.device)
             buffer[:, -SLOT_BYTES:] = 255  # slot id -1: an unused row
             buffer[pos] = packed
-            all_to_all_rows(buffer, [0] * info.num_attention + [cap] * (info.world_size - info.num_attention),
-                            recv_l, self.group)
+            packed, out_l = buffer, [0] * info.num_attention + [cap] * (info.world_size - info.num_attention)
         else:
             recv = exchange_counts(send, self.group)
             send_l, recv_l = send.tolist(), recv.tolist()
-            all_to_all_rows(packed, send_l, recv_l, self.group)
-        t = self.timer.add("dispatch", t)
-        back = all_to_all_rows(x.new_empty(0, x.shape[1]), recv_l, send_l, self.group)  # [T*k, hidden]
-        t = self.timer.add("combine_wait", t)
-        y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        y.index_add_(0, token, back.float() * routing.weights.flatten()[order, None])
-        self.timer.add("combine", t)
-        return y.to(x.dtype)
+            out_l = send_l
+        # the results' receive is posted before the rows go: an expert actor may answer before this
+        # shard sends its next micro-batch
+        back = start_all_to_all_rows(x.new_empty(0, x.shape[1]), recv_l, send_l, self.group)  # [T*k, hidden]
+        all_to_all_rows(packed, out_l, recv_l, self.group)
+        self.timer.add("dispatch", t)
+
+        def receive() -> torch.Tensor:
+            t = time.perf_counter()
+            rows = back()
+            t = self.timer.add("combine_wait", t)
+            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+            y.index_add_(0, token, rows.float() * routing.weights.flatten()[order, None])
+            self.timer.add("combine", t)
+            return y.to(x.dtype)
+        return receive
 
 
 def serve_expert_layer(info: GroupInfo, group, bank: ExpertBank, hidden: int, dtype: torch.dtype,

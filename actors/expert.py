@@ -116,15 +116,19 @@ class ExpertGroup:
         return figures
 
     @torch.inference_mode()
-    def step(self, switch_to: int | None = None, steps: int = 1, capacity_tokens: int = 0) -> ExpertStepOutput:
-        """Serve ``steps`` model steps (every MoE layer each), as the attention shards' call runs;
-        ``capacity_tokens``: the call's bound on a shard's tokens per model step (``StepPlan``)."""
+    def step(self, switch_to: int | None = None, steps: int = 1, capacity_tokens: int = 0,
+             micro_batches: int = 1) -> ExpertStepOutput:
+        """Serve ``steps`` model steps (every MoE layer each, once per micro-batch), as the attention
+        shards' call runs; ``capacity_tokens``: the call's bound on a shard's micro-batch's tokens per
+        model step (``StepPlan``)."""
         self.timer.seconds.clear()
         if switch_to is not None and switch_to != self.version:
             self._switch(switch_to)
         rows = [0] * len(self.args.moe_layers)
+        # the shards' order: every MoE layer once per micro-batch (micro-batch 0, 1, ...), then the next layer
+        rounds = [(i, layer) for i, layer in enumerate(self.args.moe_layers) for _ in range(micro_batches)]
         for _ in range(steps):
-            for i, layer in enumerate(self.args.moe_layers):
+            for i, layer in rounds:
                 per_slot = serve_expert_layer(self.info, self.group, self.banks[layer], self.args.hidden_size,
                                               self.dtype, self.timer,
                                               capacity_tokens * self.args.num_experts_per_tok)

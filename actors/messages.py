@@ -35,6 +35,9 @@ class StepPlan:
     # a bound on any shard's tokens in any model step of this call, the same for every actor (0: none);
     # with it the MoE layers skip the counts exchange (actors/dispatch.py)
     capacity_tokens: int = 0
+    # micro-batches per shard, interleaved at the MoE layers (``assign_micro_batches`` splits the chunks);
+    # ``capacity_tokens`` then bounds each micro-batch
+    micro_batches: int = 1
 
 
 @dataclass

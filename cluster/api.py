@@ -142,7 +142,8 @@ class RayMoE:
         engine = Engine(attention, experts, router, scheduler, tokenizer, eos, args.max_position_embeddings,
                         step_timeout_s=max(60.0, 2 * layout.collective_timeout_s), rebuild=rebuild,
                         switch=switch, regroup=regroup, speculative_tokens=layout.speculative_tokens,
-                        have_mtp=layout.speculative_tokens > 0, decode_steps=layout.decode_steps)
+                        have_mtp=layout.speculative_tokens > 0, decode_steps=layout.decode_steps,
+                        micro_batches=layout.micro_batches)
         llm = cls(model_dir, layout, args, tokenizer, attention, experts, router, plane, engine, started)
         llm.dashboard_url = dashboard
         handle["llm"] = llm

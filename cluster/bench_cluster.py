@@ -2,7 +2,8 @@
 at several batch sizes, in one run, with the per-step breakdown (attention, gate, dispatch, expert
 compute, combine, scheduler). Greedy decoding of equal-length random prompts; tokens/s counts
 generated tokens over the whole request (prefill included) for both. ``--decode-steps 1,4`` measures
-each layout with that many model steps per actor call (the layout's ``decode_steps``).
+each layout with that many model steps per actor call (the layout's ``decode_steps``), ``--micro-batches 1,2``
+with that many micro-batches per shard (``micro_batches``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main(args) -> int:
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     layouts = [tuple(int(v) for v in lay.split("x")) for lay in (args.layouts or "1x2,2x2").split(",")]
     decode_steps = [int(n) for n in (getattr(args, "decode_steps", None) or "1").split(",")]
+    micro_batches = [int(n) for n in (getattr(args, "micro_batches", None) or "1").split(",")]
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     local = LocalLLM(path, dtype=args.dtype, progress=False)
@@ -44,9 +46,10 @@ def main(args) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
-        for (shards, experts), steps in [(lay, n) for lay in layouts for n in decode_steps]:
+        for (shards, experts), steps, micro in [(lay, n, m) for lay in layouts for n in decode_steps
+                                                for m in micro_batches]:
             with RayMoE.start(path, attention_shards=shards, expert_actors=experts, dtype=args.dtype,
-                              decode_steps=steps) as llm:
+                              decode_steps=steps, micro_batches=micro) as llm:
                 for b in batch_sizes:
                     before = dict(llm.engine.totals)
                     tok_s = rate(lambda p: llm.generate(p, params), b)
@@ -55,8 +58,10 @@ def main(args) -> int:
                     model_steps = after["model_steps"] - before.get("model_steps", 0)
                     breakdown = {k: (after[k] - before.get(k, 0)) / model_steps * 1e3 for k in after
                                  if k.endswith("seconds") or "." in k}
-                    name = f"{shards}x{experts}" + (f" N={steps}" if len(decode_steps) > 1 or steps > 1 else "")
-                    rows.append({"layout": name, "decode_steps": steps, "batch": b, "tok_s": tok_s,
+                    name = (f"{shards}x{experts}" + (f" N={steps}" if len(decode_steps) > 1 or steps > 1 else "")
+                            + (f" mb={micro}" if len(micro_batches) > 1 or micro > 1 else ""))
+                    rows.append({"layout": name, "decode_steps": steps, "micro_batches": micro, "batch": b,
+                                 "tok_s": tok_s,
                                  "calls": calls, "model_steps": model_steps, "ms_per_step": breakdown})
     finally:
         ray.shutdown()

@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["generate", "cluster", "balance", "sparse", "kernels", "spec"])
     p.add_argument("--ks", default=None, help="spec: draft tokens per step to measure (default 1,2,3)")
     p.add_argument("--decode-steps", default=None, help="cluster: model steps per actor call to measure (1,4)")
+    p.add_argument("--micro-batches", default=None, help="cluster: micro-batches per shard to measure (1,2)")
     p.add_argument("--contexts", default=None, help="sparse: context lengths (default 512,...,16384)")
     p.add_argument("--model", help="checkpoint folder (default: the default model, model/weights/shakespeare)")
     p.add_argument("--batch-sizes", default=None, help="default 1,8,32 (spec: 1,8)")

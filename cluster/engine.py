@@ -20,7 +20,7 @@ from cluster.rebalance import PlacementSwitch
 from cluster.scheduler import Scheduler
 from model.sampling import SamplingParams, with_seed
 from model.sequence import GenerationResult, Sequence
-from model.speculative import speculative_for
+from model.speculative import assign_micro_batches, speculative_for
 
 log = logging.getLogger("raymoe.engine")
 
@@ -56,7 +56,7 @@ class Engine:
                  max_len: int, step_timeout_s: float = 600.0, rebuild=None, max_step_failures: int = 3,
                  max_rebuild_attempts: int = 3, backoff_s: tuple[float, float] = (1.0, 60.0),
                  switch: PlacementSwitch | None = None, regroup=None, speculative_tokens: int = 0,
-                 have_mtp: bool = False, decode_steps: int = 1):
+                 have_mtp: bool = False, decode_steps: int = 1, micro_batches: int = 1):
         """``rebuild()``: replace every data-plane actor after a failure (an actor died, a collective timed
         out) and return the new (attention, expert) actors; requests in flight are then re-run from
         their token history.
@@ -78,6 +78,8 @@ class Engine:
         self.speculative_tokens, self.have_mtp = speculative_tokens, have_mtp
         # model steps per actor call while every sequence decodes (the shards feed back their own tokens)
         self.decode_steps = decode_steps
+        # micro-batches per shard (2: one's attention overlaps the other's experts) for steps of 2+ sequences
+        self.micro_batches = micro_batches
         self._idle_ticks = 0  # seconds spent idle with an autoscale policy (they count as steps for it)
         self.health, self.health_error = HEALTHY, None
         self._step_failures = 0  # consecutive
@@ -255,9 +257,10 @@ class Engine:
         if not any(p.chunks for p in plans) and switch_to is None:
             time.sleep(0.005)  # waiting for a placement to be staged: poll with empty steps
         steps = self._decode_steps(chunks, switch_to)
-        capacity = self._capacity_tokens(plans)
+        micro = self.micro_batches if any(len(p.chunks) > 1 for p in plans) else 1
+        capacity = self._capacity_tokens(plans, micro)
         for p in plans:
-            p.placement, p.decode_steps, p.capacity_tokens = placement, steps, capacity
+            p.placement, p.decode_steps, p.capacity_tokens, p.micro_batches = placement, steps, capacity, micro
         t0 = time.perf_counter()
         try:
             outputs, expert_outputs = self._run(plans, switch_to)
@@ -282,11 +285,16 @@ class Engine:
         return self.decode_steps
 
     @staticmethod
-    def _capacity_tokens(plans: list[StepPlan]) -> int:
-        """A bound on any shard's tokens in any model step of the call: its chunks in the first, and
-        at most one token plus the drafts per sampling sequence in the ones it feeds itself."""
-        return max((max(sum(len(c.tokens) for c in p.chunks), sum(1 + c.propose for c in p.chunks if c.sample))
-                    for p in plans), default=0)
+    def _capacity_tokens(plans: list[StepPlan], micro_batches: int = 1) -> int:
+        """A bound on any shard's micro-batch's tokens in any model step of the call: its chunks in the
+        first, and at most one token plus the drafts per sampling sequence in the ones it feeds itself."""
+        bound = 0
+        for p in plans:
+            parts = assign_micro_batches([len(c.tokens) for c in p.chunks], micro_batches)
+            for m in range(micro_batches):
+                chunks = [c for c, part in zip(p.chunks, parts, strict=True) if part == m]
+                bound = max(bound, sum(len(c.tokens) for c in chunks), sum(1 + c.propose for c in chunks if c.sample))
+        return bound
 
     def regroup(self, experts: list, placement) -> None:
         """Join the attention shards and ``experts`` in a new process group on ``placement`` (at a step
@@ -382,8 +390,9 @@ class Engine:
         """One lockstep step over every actor -> (attention outputs, expert outputs)."""
         t0 = time.perf_counter()
         attn_refs = [a.step.remote(p) for a, p in zip(self.attention, plans, strict=True)]
-        steps, capacity = (plans[0].decode_steps, plans[0].capacity_tokens) if plans else (1, 0)
-        expert_refs = [e.step.remote(switch_to, steps, capacity) for e in self.experts]
+        steps, capacity, micro = ((plans[0].decode_steps, plans[0].capacity_tokens, plans[0].micro_batches)
+                                  if plans else (1, 0, 1))
+        expert_refs = [e.step.remote(switch_to, steps, capacity, micro) for e in self.experts]
         # fail fast: the first actor that dies ends the step (its peers may be stuck in a collective)
         pending = attn_refs + expert_refs
         deadline = t0 + self.step_timeout_s

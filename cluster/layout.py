@@ -37,6 +37,9 @@ class ClusterLayout:
     speculative_tokens: int = 0
     # model steps per actor call while every sequence decodes (fewer Ray round trips; 1: one per call)
     decode_steps: int = 1
+    # 2: each attention shard splits its batch in two micro-batches and computes one's attention while the
+    # other's routed rows are at the expert actors (1: one batch, attention and experts take turns)
+    micro_batches: int = 1
     # {every_steps, window_steps, min_gain}: re-plan expert placement from the load (absent: off)
     balance: dict[str, float] | None = None
     # {min_expert_actors, max_expert_actors, scale_out_rows, scale_in_rows, window_steps, cooldown_steps}
@@ -47,6 +50,8 @@ class ClusterLayout:
                     "max_running", "torch_threads", "decode_steps"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"layout: {key} must be >= 1, got {getattr(self, key)}")
+        if self.micro_batches not in (1, 2):
+            raise ValueError(f"layout: micro_batches must be 1 or 2, got {self.micro_batches}")
         if not 0 <= int(self.speculative_tokens) <= 8:
             raise ValueError(f"layout: speculative_tokens must be in 0..8 (0: off), got {self.speculative_tokens}")
         if self.spare_slots < 0:

@@ -45,9 +45,12 @@ def add_cluster_flags(p: argparse.ArgumentParser) -> None:
                    help="MTP speculative decoding: draft K tokens per step with the model's MTP layer (0: off)")
     p.add_argument("--decode-steps", type=int, metavar="N",
                    help="model steps per actor call while every sequence decodes (default: the layout's)")
+    p.add_argument("--micro-batches", type=int, choices=[1, 2],
+                   help="2: overlap one micro-batch's attention with the other's experts (default: the layout's)")
 
 
 def layout_overrides(args) -> dict:
     return {"attention_shards": args.attention_shards, "expert_actors": args.expert_actors,
             "spare_slots": args.spare_slots, "device": args.device, "dtype": args.dtype,
-            "speculative_tokens": args.speculative_tokens, "decode_steps": args.decode_steps}
+            "speculative_tokens": args.speculative_tokens, "decode_steps": args.decode_steps,
+            "micro_batches": args.micro_batches}

@@ -7,7 +7,7 @@ cluster's business, not this module's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import NamedTuple
 
 import torch
@@ -70,12 +70,13 @@ def route(a: ModelArgs, logits: torch.Tensor, bias: torch.Tensor | None) -> Rout
     return Routing(weights * a.routed_scaling_factor, indices)
 
 
-# (layer_id, x [T, hidden], routing) -> [T, hidden]: the weighted sum of each token's routed experts,
-# computed elsewhere (the cluster's expert actors)
-RoutedExperts = Callable[[int, torch.Tensor, Routing], torch.Tensor]
+# (layer_id, x [T, hidden], routing) -> receive, where receive() -> [T, hidden] is the weighted sum of each
+# token's routed experts, computed elsewhere (the cluster's expert actors): the call sends the rows out,
+# ``receive`` waits for the results, and the caller computes something else in between
+RoutedExperts = Callable[[int, torch.Tensor, Routing], Callable[[], torch.Tensor]]
 
 
-def experts_elsewhere(layer_id: int, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+def experts_elsewhere(layer_id: int, x: torch.Tensor, routing: Routing) -> Callable[[], torch.Tensor]:
     """For a model part built without its routed experts and never run (checking a checkpoint)."""
     raise RuntimeError(f"layer {layer_id}: this model part was built without its routed experts")
 
@@ -124,10 +125,20 @@ class MoE(nn.Module):
         self._stacked = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return run_stages(self.stages(x))
+
+    def stages(self, x: torch.Tensor) -> Generator[None, None, torch.Tensor]:
+        """The layer as a generator that returns its output. With the routed experts elsewhere it
+        yields once, while their rows are away: the shared experts are computed before the yield,
+        and whoever drives it may run another micro-batch's layers there (``interleave``)."""
         routing = self.gate(x)
         if self.routed_experts is not None:
-            y = self.routed_experts(self.layer_id, x, routing)
-        elif self.fp8:
+            receive = self.routed_experts(self.layer_id, x, routing)
+            shared = self.shared_experts(x) if self.shared_experts is not None else None
+            yield
+            y = receive()
+            return y if shared is None else y + shared
+        if self.fp8:
             y = kernels.moe_fp8(x, routing.indices, routing.weights, *self.stacked_fp8())
         else:
             order, rows, offsets = sort_by_expert(routing.indices, len(self.experts))
@@ -138,3 +149,23 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y
+
+
+def run_stages(stages: Generator[None, None, torch.Tensor]) -> torch.Tensor:
+    """Drive a layer's (or a model's) stages to the end and return the result."""
+    return interleave([stages])[0]
+
+
+def interleave(stages: list[Generator]) -> list:
+    """Drive several micro-batches' stages round-robin, each up to its next yield (its routed rows
+    sent) in turn, and return their results in order. Every micro-batch must yield as often as the
+    others, so that every rank sends its rows in the same order (micro-batch 0, 1, ... per layer)."""
+    results, live = [None] * len(stages), list(range(len(stages)))
+    while live:
+        for i in list(live):
+            try:
+                next(stages[i])
+            except StopIteration as done:
+                results[i] = done.value
+                live.remove(i)
+    return results

@@ -41,6 +41,7 @@ class ChunkWork:
     propose: int = 0  # draft this many tokens for the next step (needs the MTP layer)
     next_token: int | None = None  # a prefill chunk ending inside the prompt: the prompt's next token
     capacity: int = 0  # positions the block table holds (bounds the drafts' own cache writes)
+    micro_batch: int = 0  # with ``run_chunks(micro_batches=n)``: which of the n micro-batches it runs in
 
 
 @dataclass
@@ -73,18 +74,27 @@ def mtp_cache_layers(model) -> int:
     return model.num_layers + len(model.mtp_layers)
 
 
-def run_chunks(model, cache: MLACache, works: list[ChunkWork], tables: dict[int, list[int]] | None = None):
-    """One forward over ``works`` -> ``{seq_id: ChunkResult}`` for the chunks that sample or draft."""
+def run_chunks(model, cache: MLACache, works: list[ChunkWork], tables: dict[int, list[int]] | None = None,
+               micro_batches: int = 1):
+    """One forward over ``works`` -> ``{seq_id: ChunkResult}`` for the chunks that sample or draft.
+
+    ``micro_batches`` > 1: the works run as that many micro-batches (``ChunkWork.micro_batch``; some
+    may be empty) interleaved at the MoE layers (``Transformer.forward_parts``): an attention
+    shard's way of computing one micro-batch's attention while the other's rows are at the experts."""
     device = cache.device
-    seqs = [(w.seq_id, w.start, w.start + len(w.tokens)) for w in works]
-    meta = cache.build_meta(seqs, tables)
-    ids = torch.tensor([t for w in works for t in w.tokens], dtype=torch.long, device=device)
-    hidden = model(ids, meta, cache)
+    if micro_batches > 1:
+        works = sorted(works, key=lambda w: w.micro_batch)
+    parts = [[w for w in works if w.micro_batch == m] for m in range(micro_batches)] if micro_batches > 1 else [works]
+    inputs, query_starts = [], [0]
+    for part in parts:
+        meta = cache.build_meta([(w.seq_id, w.start, w.start + len(w.tokens)) for w in part], tables)
+        inputs.append((torch.tensor([t for w in part for t in w.tokens], dtype=torch.long, device=device), meta))
+        query_starts += [query_starts[-1] + q for q in meta.query_starts[1:]]
+    hidden = model(*inputs[0], cache) if len(inputs) == 1 else torch.cat(model.forward_parts(inputs, cache))
     results: dict[int, ChunkResult] = {}
     picks = [i for i, w in enumerate(works) if w.sample]
     if picks:
-        rows = [r for i in picks for r in range(meta.query_starts[i + 1] - works[i].drafts - 1,
-                                                meta.query_starts[i + 1])]
+        rows = [r for i in picks for r in range(query_starts[i + 1] - works[i].drafts - 1, query_starts[i + 1])]
         logits = model.logits(hidden[torch.tensor(rows, device=device)])
         at = 0
         for i in picks:
@@ -97,11 +107,11 @@ def run_chunks(model, cache: MLACache, works: list[ChunkWork], tables: dict[int,
     drafting = [i for i, w in enumerate(works) if w.propose and model.mtp_layers
                 and (w.sample or w.next_token is not None)]
     if drafting:
-        _draft(model, cache, works, drafting, meta, hidden, results, tables)
+        _draft(model, cache, works, drafting, query_starts, hidden, results, tables)
     return results
 
 
-def _draft(model, cache, works, drafting, meta, hidden, results, tables) -> None:
+def _draft(model, cache, works, drafting, query_starts, hidden, results, tables) -> None:
     mtp, n = model.mtp_layers[0], model.num_layers
     device = cache.device
     index_cache = (cache.ik[n], cache.iks[n] if cache.iks else None) if cache.ik else None
@@ -112,8 +122,7 @@ def _draft(model, cache, works, drafting, meta, hidden, results, tables) -> None
         final = len(w.tokens) - w.drafts + res.accepted  # positions whose tokens are now final
         after = res.tokens[-1][0] if w.sample else w.next_token
         seqs.append((w.seq_id, w.start, w.start + final))
-        qs = meta.query_starts[i]
-        rows += range(qs, qs + final)
+        rows += range(query_starts[i], query_starts[i] + final)
         next_ids += w.tokens[1:final] + [after]
         chains.append((w, res, w.start + final))
     mmeta = model.prepare(cache.build_meta(seqs, tables))
@@ -137,6 +146,16 @@ def _draft(model, cache, works, drafting, meta, hidden, results, tables) -> None
         for j, t in zip(live, mtp.head(h).argmax(dim=-1).tolist(), strict=True):
             chains[j][1].drafts.append(t)
         chains = [chains[j] for j in live]
+
+
+def assign_micro_batches(sizes: list[int], n: int) -> list[int]:
+    """The micro-batch of each chunk (``sizes``: its tokens) when a batch runs as ``n``: contiguous
+    runs of about equal tokens. The engine calls it to bound each micro-batch, the shard to split."""
+    total, out, acc = sum(sizes), [], 0
+    for size in sizes:
+        out.append(min(n - 1, acc * n // total) if total else 0)
+        acc += size
+    return out
 
 
 def speculative_for(params: SamplingParams, default: int, have_mtp: bool) -> int:

@@ -8,7 +8,7 @@ from torch import nn
 from model.attention import MLA, AttnMeta
 from model.config import ModelArgs
 from model.layers import MLP, Linear, RMSNorm
-from model.moe import MoE, RoutedExperts
+from model.moe import MoE, RoutedExperts, interleave, run_stages
 from model.rope import RotaryEmbedding
 
 
@@ -27,12 +27,18 @@ class Block(nn.Module):
 
     def forward(self, x, residual, meta, kv_cache, pe_cache, absorb=True, index_cache=None):
         """Pre-norm block with the residual carried separately (fused add + norm)."""
+        return run_stages(self.stages(x, residual, meta, kv_cache, pe_cache, absorb, index_cache))
+
+    def stages(self, x, residual, meta, kv_cache, pe_cache, absorb=True, index_cache=None):
+        """``forward`` as a generator (see ``MoE.stages``): returns ``(output, residual)``."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, meta, kv_cache, pe_cache, absorb, index_cache)
         h, residual = self.post_attention_layernorm(h, residual)
+        if isinstance(self.mlp, MoE):
+            return (yield from self.mlp.stages(h)), residual
         return self.mlp(h), residual
 
 
@@ -118,11 +124,23 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMeta, cache, absorb: bool = True) -> torch.Tensor:
         """``input_ids`` [T] (a flattened batch described by ``meta``) -> final hidden states [T, hidden]."""
+        return run_stages(self.stages(input_ids, meta, cache, absorb))
+
+    @torch.inference_mode()
+    def forward_parts(self, parts: list[tuple[torch.Tensor, AttnMeta]], cache) -> list[torch.Tensor]:
+        """Several micro-batches ``(input_ids, meta)`` of disjoint sequences at once, interleaved at
+        their MoE layers: while one micro-batch's routed rows are at the expert actors, the next one
+        computes its attention. -> each one's final hidden states."""
+        return interleave([self.stages(ids, meta, cache) for ids, meta in parts])
+
+    def stages(self, input_ids: torch.Tensor, meta: AttnMeta, cache, absorb: bool = True):
+        """The forward pass as a generator (it yields at each MoE layer whose routed experts are elsewhere)."""
         self.prepare(meta)
         x, residual = self.model.embed_tokens(input_ids), None
         for i in range(self.num_layers):
             index_cache = (cache.ik[i], cache.iks[i] if cache.iks else None) if cache.ik else None
-            x, residual = self.model.layers[i](x, residual, meta, cache.kv[i], cache.pe[i], absorb, index_cache)
+            x, residual = yield from self.model.layers[i].stages(x, residual, meta, cache.kv[i], cache.pe[i], absorb,
+                                                                 index_cache)
         return x + residual
 
     @torch.inference_mode()

@@ -5,10 +5,12 @@ and nothing on the data path is created off the device or copied to the host (``
 that NCCL needs on CUDA, checked here on CPU."""
 
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+import actors.collective as collective
 import actors.dispatch as dispatch
 import actors.placement as placement_mod
 import kernels.moe as kmoe
@@ -41,51 +43,110 @@ class GuardedTorch:
         return factory
 
 
-class Mailbox:
-    """All-to-all among ``world`` threads: each puts one chunk per destination, then takes its own."""
+class FakeDist:
+    """``torch.distributed``'s point-to-point calls among threads (the group is ``(self, rank)``), with
+    rendezvous sends as NCCL (and gloo, for all we rely on) has them: a send completes only once its
+    receiver has posted the matching receive; a pair's messages go to its receives in the order
+    these were posted. Every tensor handed
+    to it is checked against the data plane's device."""
 
-    def __init__(self, world):
-        self.world, self.barrier, self.chunks = world, threading.Barrier(world, timeout=30), {}
+    def __init__(self, world, device, records):
+        self.device, self.records = torch.device(device), records
+        self.cv = threading.Condition()
+        self.queues = {(s, d): [] for s in range(world) for d in range(world)}  # every message sent, in order
+        self.sent = {pair: 0 for pair in self.queues}
+        self.posted = {pair: 0 for pair in self.queues}  # receives posted per (source, destination)
+        self.failed = False
 
-    def exchange(self, rank, chunks):
-        self.chunks[rank] = chunks
-        self.barrier.wait()
-        got = [self.chunks[src][rank] for src in range(self.world)]
-        self.barrier.wait()
-        return got
+    @staticmethod
+    def get_rank(group):
+        return group[1]
+
+    def isend(self):  # markers for P2POp
+        raise AssertionError("only through batch_isend_irecv")
+
+    def irecv(self):
+        raise AssertionError("only through batch_isend_irecv")
+
+    class P2POp:
+        def __init__(self, op, tensor, peer, group):
+            self.op, self.tensor, self.peer, self.group = op, tensor, peer, group
+
+    def batch_isend_irecv(self, ops):
+        works = []
+        for op in ops:
+            me, t = op.group[1], op.tensor
+            self.records.append(("p2p", t.device, t.dtype))
+            assert t.device == self.device, f"p2p: tensor on {t.device}, data plane on {self.device}"
+            assert t.is_contiguous()
+            with self.cv:
+                if op.op == self.isend:
+                    pair = (me, op.peer)
+                    self.queues[pair].append(t.clone())
+                    self.cv.notify_all()
+                    works.append(self._until(lambda pair=pair, n=self.sent[pair]: self.posted[pair] > n))
+                    self.sent[pair] += 1
+                else:
+                    pair = (op.peer, me)
+                    works.append(self._receive(pair, self.posted[pair], t))
+                    self.posted[pair] += 1
+                    self.cv.notify_all()
+        return works
+
+    def _until(self, ready):
+        def wait():
+            with self.cv:
+                if not self.cv.wait_for(lambda: ready() or self.failed, timeout=20) or self.failed:
+                    raise TimeoutError("a send or receive never completed (a deadlock, or another rank failed)")
+        return SimpleNamespace(wait=wait)
+
+    def _receive(self, pair, k, into):
+        """The ``k``-th receive posted on ``pair`` gets the pair's ``k``-th message."""
+        def wait():
+            self._until(lambda: len(self.queues[pair]) > k).wait()
+            with self.cv:
+                got = self.queues[pair][k]
+            assert got.shape == into.shape and got.dtype == into.dtype, (got.shape, into.shape)
+            into.copy_(got)
+        return SimpleNamespace(wait=wait)
+
+    def abort(self):
+        with self.cv:
+            self.failed = True
+            self.cv.notify_all()
 
 
-def _recording_collectives(device, records):
-    def check(kind, t, dtypes):
-        records.append((kind, t.device, t.dtype))
-        assert t.device == torch.device(device), f"{kind}: tensor on {t.device}, data plane on {device}"
-        assert t.dtype in dtypes, f"{kind}: dtype {t.dtype}"
-
+def _recording_collectives(records):
+    """The real all-to-alls (``actors.collective``), each call recorded with its tensor's device and dtype."""
     def exchange_counts(send, group):
-        box, rank = group
-        check("counts", send, {torch.int64})
-        return torch.cat(box.exchange(rank, list(send.split(1))))
+        records.append(("counts", send.device, send.dtype))
+        assert send.dtype == torch.int64
+        return collective.exchange_counts(send, group)
+
+    def start_all_to_all_rows(x, send_counts, recv_counts, group):
+        records.append(("rows", x.device, x.dtype))
+        assert isinstance(send_counts, list) and isinstance(recv_counts, list)
+        return collective.start_all_to_all_rows(x, send_counts, recv_counts, group)
 
     def all_to_all_rows(x, send_counts, recv_counts, group):
-        box, rank = group
-        check("rows", x, {torch.uint8, torch.float32, torch.bfloat16})
-        assert isinstance(send_counts, list) and isinstance(recv_counts, list)
-        got = box.exchange(rank, list(x.split(send_counts)))
-        assert [g.shape[0] for g in got] == recv_counts
-        return torch.cat(got)
+        return start_all_to_all_rows(x, send_counts, recv_counts, group)()
 
-    return exchange_counts, all_to_all_rows
+    return exchange_counts, all_to_all_rows, start_all_to_all_rows
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("capacity", [0, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dispatch_combine_equals_local_experts_and_keeps_tensors_on_the_device(tiny_dir, monkeypatch, dtype,
-                                                                               capacity):
-    """``capacity`` 0: the counts are exchanged; 37 (the step's tokens): fixed-capacity buffers."""
-    check_dispatch(tiny_dir, monkeypatch, dtype, "cpu", capacity)  # tests/gpu runs it with device="cuda"
+                                                                               capacity, micro_batches):
+    """``capacity`` 0: the counts are exchanged; 37 (the step's tokens): fixed-capacity buffers.
+    ``micro_batches`` 2: the shard sends both halves before it waits for either's results (as two
+    interleaved micro-batches do), the experts serve them in turn; with rendezvous sends, a results'
+    receive posted only when the results are wanted deadlocks here (a timeout) rather than passes."""
+    check_dispatch(tiny_dir, monkeypatch, dtype, "cpu", capacity, micro_batches)  # tests/gpu: device="cuda"
 
 
-def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0):
+def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micro_batches=1):
     reader = CheckpointReader(tiny_dir)
     args = reader.args
     layer, n = args.moe_layers[0], args.n_routed_experts
@@ -99,36 +160,43 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0):
     indices[:10, 0] = 0  # many tokens for the replicated expert: both copies get some
     weights = torch.rand(tokens, args.num_experts_per_tok, generator=gen)
     x, indices, weights = x.to(device), indices.to(device), weights.to(device)
+    parts = [slice(0, 20), slice(20, tokens)] if micro_batches == 2 else [slice(0, tokens)]
 
     violations, records, cpu_calls = [], [], []
-    exchange_counts, all_to_all_rows = _recording_collectives(device, records)
-    monkeypatch.setattr(dispatch, "exchange_counts", exchange_counts)
-    monkeypatch.setattr(dispatch, "all_to_all_rows", all_to_all_rows)
-    for mod in (dispatch, placement_mod, kmoe):
+    world = 3
+    fake = FakeDist(world, device, records)
+    monkeypatch.setattr(collective, "dist", fake)
+    for name, fn in zip(("exchange_counts", "all_to_all_rows", "start_all_to_all_rows"),
+                        _recording_collectives(records), strict=True):
+        monkeypatch.setattr(dispatch, name, fn)
+    for mod in (dispatch, placement_mod, kmoe, collective):
         monkeypatch.setattr(mod, "torch", GuardedTorch(violations))
     real_cpu = torch.Tensor.cpu
     monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: cpu_calls.append(1) or real_cpu(self, *a, **k))
 
-    box, world = Mailbox(3), 3
     out, served, errors = {}, {}, []
 
     def attention():
         info = GroupInfo(0, world, 1)
-        d = Dispatcher(info, (box, 0), RoutingTable(plc, 1, device), n, Timer())
+        d = Dispatcher(info, (fake, 0), RoutingTable(plc, 1, device), n, Timer())
         d.capacity = capacity_tokens * args.num_experts_per_tok
-        out["y"] = d(layer, x, Routing(weights, indices))
+        receives = [d(layer, x[p], Routing(weights[p], indices[p])) for p in parts]  # all sent, then received
+        out["y"] = torch.cat([receive() for receive in receives])
         out["load"] = d.load[layer]
 
     def expert(a):
-        served[a] = serve_expert_layer(GroupInfo(1 + a, world, 1), (box, 1 + a), banks[a], args.hidden_size,
-                                       dtype, Timer(), capacity_tokens * args.num_experts_per_tok)
+        served[a] = [0] * banks[a].num_slots
+        for _ in parts:
+            got = serve_expert_layer(GroupInfo(1 + a, world, 1), (fake, 1 + a), banks[a], args.hidden_size,
+                                     dtype, Timer(), capacity_tokens * args.num_experts_per_tok)
+            served[a] = [u + v for u, v in zip(served[a], got, strict=True)]
 
     def run(f, *a):
         try:
             f(*a)
         except Exception as e:  # noqa: BLE001 - re-raised below, in the test's thread
             errors.append(e)
-            box.barrier.abort()
+            fake.abort()
 
     threads = [threading.Thread(target=run, args=(attention,))] + [
         threading.Thread(target=run, args=(expert, a)) for a in range(2)]
@@ -154,10 +222,14 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0):
         copies = plc.layers[layer][e]
         assert all(served[a][s] > 0 for a, s in copies)
     assert sum(map(sum, served.values())) == tokens * args.num_experts_per_tok
-    if capacity_tokens:  # two collectives per rank and layer: padded rows, results
-        assert [k for k, _, _ in records].count("counts") == 0 and len(records) == 6
+    kinds = [k for k, _, _ in records]
+    if capacity_tokens:  # two all-to-alls per rank and round: padded rows, results
+        assert kinds.count("counts") == 0 and kinds.count("rows") == 6 * micro_batches
     else:  # three: counts, packed rows, results
-        assert [k for k, _, _ in records].count("counts") == 3 and len(records) == 9
+        assert kinds.count("counts") == 3 * micro_batches and kinds.count("rows") == 6 * micro_batches
+    # point to point only between the shard and each expert actor: per round, rank and all-to-all one send
+    # and one receive per peer that moves rows (the counts go to every other rank)
+    assert kinds.count("p2p") == micro_batches * (2 * 2 * 2 + (0 if capacity_tokens else 3 * 2 * 2))
     assert not violations, violations
     assert not cpu_calls, "a data-path tensor was copied to the host with .cpu()"
 

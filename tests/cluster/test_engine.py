@@ -192,3 +192,21 @@ def test_latency_figures_stay_bounded(engines):
     assert len(e.ttft) == 1000 and len(e.tpot) == 1000 and len(e.recent) <= 200
     sent = sum(len(args[0]["ttft"]) for name, args in e.router.calls if name == "record_step")
     assert sent == 1100  # every figure reached the router once
+
+
+def test_capacity_bounds_every_micro_batch_of_every_model_step():
+    """The bound the engine announces holds for each micro-batch the shard cuts with the same rule, in
+    the call's first model step (its chunks) and the ones the shard feeds itself (1 + drafts each)."""
+    from actors.messages import ChunkPlan, StepPlan
+    from model.speculative import assign_micro_batches
+
+    def chunk(n, sample=True, propose=0):
+        return ChunkPlan(seq_id=0, tokens=[5] * n, start=0, block_table=[], sample=sample, propose=propose)
+
+    plans = [StepPlan([chunk(100, sample=False), chunk(1), chunk(1)]), StepPlan([chunk(1, propose=3)] * 6)]
+    assert assign_micro_batches([100, 1, 1], 2) == [0, 1, 1]
+    assert assign_micro_batches([1] * 6, 2) == [0, 0, 0, 1, 1, 1]
+    assert assign_micro_batches([7], 2) == [0] and assign_micro_batches([], 2) == []
+    assert Engine._capacity_tokens(plans, 1) == max(102, 6 * 4)
+    # micro-batches: [100] | [1, 1] and [1, 1, 1] | [1, 1, 1] with 4 tokens each in later model steps
+    assert Engine._capacity_tokens(plans, 2) == max(100, 3 * 4)
