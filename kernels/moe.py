@@ -53,6 +53,21 @@ def swiglu_sorted(x: torch.Tensor, offsets: torch.Tensor, gate_w: torch.Tensor, 
     return y
 
 
+def swiglu_dense(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Every expert on every row, weighted: ``sum_e weights[t, e] * expert_e(x[t])`` -> [T, hidden] in
+    ``x.dtype``. ``weights`` [T, E] (zero for experts a row did not choose), ``gate_up`` [E * 2 * inter,
+    hidden] (expert e's gate rows, then its up rows), ``down`` [hidden, E * inter].
+
+    Two matmuls whatever the routing: where experts are few against top-k (a small model) computing
+    them all costs a few times the useful flops but a handful of operations instead of a sort,
+    padding and a matmul per projection, which is what a small batch pays for."""
+    t, e = weights.shape
+    h = F.linear(x, gate_up).view(t, e, 2, -1)
+    h = F.silu(h[:, :, 0]) * h[:, :, 1]  # [T, E, inter]
+    h = (h.float() * weights[..., None]).to(x.dtype)
+    return F.linear(h.view(t, -1), down)
+
+
 def swiglu_fp8_sorted(x: torch.Tensor, offsets: torch.Tensor, gate_w, gate_s, up_w, up_s, down_w, down_s):
     """Expert-sorted rows ``x`` [N, hidden] (rows ``offsets[e]..offsets[e+1]-1`` go to expert ``e``)
     through their experts' SwiGLU on FP8 weights: three grouped GEMM launches. -> [N, hidden] bf16."""

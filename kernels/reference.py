@@ -100,16 +100,16 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     rope]; ``block_table`` [B, max_blocks] int; ``seq_lens`` [B] (keys ``0..len-1`` are visible).
     Returns the attention output in latent space, [B, H, kv_lora_rank], in ``q_lat.dtype``.
     """
-    n_blocks, block_size, _ = kv_cache.shape
-    max_len = int(seq_lens.max())
-    pos = torch.arange(max_len, device=q_lat.device)
-    slots = block_table[:, pos // block_size].long() * block_size + pos % block_size  # [B, L]
-    kv = kv_cache.view(n_blocks * block_size, -1)[slots].float()  # [B, L, r]
-    pe = pe_cache.view(n_blocks * block_size, -1)[slots].float()  # [B, L, rope]
-    scores = (torch.einsum("bhc,blc->bhl", q_lat.float(), kv)
-              + torch.einsum("bhr,blr->bhl", q_pe.float(), pe)) * softmax_scale
-    scores = scores.masked_fill((pos[None, :] >= seq_lens[:, None])[:, None, :], float("-inf"))
-    return torch.einsum("bhl,blc->bhc", scores.softmax(dim=-1), kv).to(q_lat.dtype)
+    b, block_size = q_lat.shape[0], kv_cache.shape[1]
+    n = -(-int(seq_lens.max()) // block_size)  # blocks of the longest row
+    table = block_table[:, :n].long()
+    kv = kv_cache[table].view(b, n * block_size, -1).float()  # [B, L, r]: whole blocks, masked below
+    pe = pe_cache[table].view(b, n * block_size, -1).float()  # [B, L, rope]
+    # plain batched matmuls, not einsum: at decode sizes the per-call overhead is the cost
+    scores = torch.bmm(q_lat.float(), kv.transpose(1, 2)).baddbmm_(q_pe.float(), pe.transpose(1, 2))  # [B, H, L]
+    beyond = torch.arange(n * block_size, device=q_lat.device) >= seq_lens[:, None]  # [B, L]
+    scores = scores.mul_(softmax_scale).masked_fill_(beyond[:, None, :], float("-inf"))
+    return torch.bmm(scores.softmax(dim=-1), kv).to(q_lat.dtype)
 
 
 def mla_sparse(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_pool: torch.Tensor, pe_pool: torch.Tensor,

@@ -12,6 +12,7 @@ The cache holds per token and layer only ``c_kv`` and ``k_pe``; see ``model.cach
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,25 +31,33 @@ class AttnMeta:
 
     ``positions`` [T]: each token's position in its sequence; ``slot_mapping`` [T]: the cache
     slot its latent is written to; ``query_starts`` [B+1]: token offsets of the sequences;
-    ``context_slots``: per sequence, the slots of its positions ``0..context_len-1`` in order
-    (this step's tokens last).
+    ``spans``: per sequence, its block table and context length (this step's tokens included);
+    ``context_slots`` (built when first read): per sequence, the slots of its positions
+    ``0..context_len-1`` in order (this step's tokens last).
     """
 
     positions: torch.Tensor
     slot_mapping: torch.Tensor
     query_starts: list[int]
-    context_slots: list[torch.Tensor]
+    spans: list[tuple[list[int], int]]  # (the blocks holding the context, context length)
+    block_size: int = 0
     # steps of a few tokens per sequence (decode, draft verification) also carry the paged view for the
     # batched kernel, one row per query token (its sequence's blocks)
     block_table: torch.Tensor | None = None  # [T, max_blocks] int32
     seq_lens: torch.Tensor | None = None  # [T] causal context length of each query token (position + 1)
-    block_size: int = 0
     cos: torch.Tensor | None = None  # [T, rope/2], filled in by the model once per step
     sin: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
-        return len(self.context_slots)
+        return len(self.spans)
+
+    @functools.cached_property
+    def context_slots(self) -> list[torch.Tensor]:
+        device, bs = self.positions.device, self.block_size
+        offsets = torch.arange(bs, device=device)
+        return [(torch.tensor(table, dtype=torch.long, device=device)[:, None] * bs + offsets).flatten()[:end]
+                for table, end in self.spans]
 
 
 class MLA(nn.Module):
@@ -124,7 +133,7 @@ class MLA(nn.Module):
                 masks = None  # every context fits in index_topk: dense attention is the same
         if absorb:
             wkv_b = self.wkv_b(x.dtype)
-            q_lat = torch.einsum("thd,hdc->thc", q_nope, wkv_b[:, : self.qk_nope_head_dim])  # [T, H, r]
+            q_lat = torch.bmm(q_nope.transpose(0, 1), wkv_b[:, : self.qk_nope_head_dim]).transpose(0, 1)  # [T, H, r]
             if masks is not None:  # V3.2 past index_topk: every query row over its selected slots, one call
                 o_lat = kernels.mla_sparse(q_lat, q_pe, kv_cache, pe_cache, self._selected_slots(meta, masks),
                                            self.softmax_scale)
@@ -135,7 +144,8 @@ class MLA(nn.Module):
                     meta.block_table, meta.seq_lens, self.softmax_scale)
             else:
                 o_lat = self._per_sequence(self._attend_latent, q_lat, q_pe, meta, kv_cache, pe_cache)
-            out = torch.einsum("thc,hdc->thd", o_lat, wkv_b[:, self.qk_nope_head_dim:])  # [T, H, v]
+            out = torch.bmm(o_lat.transpose(0, 1), wkv_b[:, self.qk_nope_head_dim:].transpose(1, 2))  # [H, T, v]
+            out = out.transpose(0, 1)
         else:
             out = self._per_sequence(self._attend_naive, q_nope, q_pe, meta, kv_cache, pe_cache, masks)
         return self.o_proj(out.flatten(1))

@@ -46,7 +46,7 @@ class MLACache:
         ``start..end-1`` are being computed now (after ``start`` tokens already cached). ``tables``:
         block tables decided elsewhere (the cluster's scheduler); without them this cache's own
         allocator grows each sequence as needed."""
-        positions, slot_mapping, starts, ctx = [], [], [0], []  # per sequence
+        positions, slot_mapping, starts, spans = [], [], [0], []  # per token, per sequence
         if tables is None:
             for seq_id, _, end in seqs:
                 self.allocator.grow(seq_id, end)
@@ -56,16 +56,14 @@ class MLACache:
             table = tables[seq_id]
             if len(table) * bs < end:
                 raise ValueError(f"sequence {seq_id}: block table covers {len(table) * bs} tokens, needs {end}")
-            # every slot of the context, in position order: the blocks' slot ranges, cut at `end`
-            blocks = torch.tensor(table[: -(-end // bs)], dtype=torch.long, device=self.device)
-            slots = (blocks[:, None] * bs + torch.arange(bs, device=self.device)).flatten()[:end]
-            positions.append(torch.arange(start, end, device=self.device))
-            slot_mapping.append(slots[start:end])
+            positions += range(start, end)
+            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
             starts.append(starts[-1] + end - start)
-            ctx.append(slots)
-        empty = torch.empty(0, dtype=torch.long, device=self.device)
-        meta = AttnMeta(torch.cat(positions) if seqs else empty, torch.cat(slot_mapping) if seqs else empty,
-                        starts, ctx)
+            spans.append((table[: -(-end // bs)], end))
+        # host lists become tensors in one call each: per-sequence tensors cost more than the work
+        meta = AttnMeta(torch.tensor(positions, dtype=torch.long, device=self.device),
+                        torch.tensor(slot_mapping, dtype=torch.long, device=self.device), starts, spans,
+                        block_size=bs)
         if seqs and all(end - start <= PAGED_ROWS_MAX for _, start, end in seqs):
             # decode and verification steps (a few tokens per sequence): every query row gets its own
             # row in the paged view, its sequence's blocks with the causal length of its position
@@ -75,5 +73,4 @@ class MLACache:
                                             device=self.device)
             meta.seq_lens = torch.tensor([p + 1 for _, start, end in seqs for p in range(start, end)],
                                          dtype=torch.long, device=self.device)
-            meta.block_size = self.allocator.block_size
         return meta

@@ -32,13 +32,25 @@ def inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
 
 
 class RotaryEmbedding(torch.nn.Module):
+    # positions past max_position_embeddings the table still covers: drafts (at most 8) verified at a
+    # sequence's last positions
+    MARGIN = 64
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         freqs, self.attn_factor = inv_freq(args)
         self.register_buffer("inv_freq", freqs, persistent=False)
+        self.max_positions = args.max_position_embeddings + self.MARGIN
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``positions`` [T] -> cos, sin [T, rope_dim // 2] (float32, YaRN multiplier applied)."""
+        """``positions`` [T] -> cos, sin [T, rope_dim // 2] (float32, YaRN multiplier applied), read
+        from a table of every position built on first use (two lookups per step instead of six ops)."""
+        if self._table is None or self._table[0].device != self.inv_freq.device:
+            self._table = self.compute(torch.arange(self.max_positions, device=self.inv_freq.device))
+        return self._table[0][positions], self._table[1][positions]
+
+    def compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.float()[:, None] * self.inv_freq[None, :]
         return angles.cos() * self.attn_factor, angles.sin() * self.attn_factor
 
