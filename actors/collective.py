@@ -44,67 +44,71 @@ def init_group(info: GroupInfo, master_addr: str, master_port: int) -> dist.Proc
         dist.destroy_process_group()
     dist.init_process_group(info.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=info.rank,
                             world_size=info.world_size, timeout=timedelta(seconds=info.timeout_s))
+    if info.backend == "nccl":
+        # Ray gives each actor one visible GPU; the first call on the group is one every rank makes, as
+        # NCCL wants before batched point-to-point calls
+        torch.cuda.set_device(0)
+        dist.barrier(device_ids=[0])
     return dist.group.WORLD
 
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
     """Each rank's per-destination row counts [world] -> rows it will receive from each source."""
-    world, me = send_counts.shape[0], dist.get_rank(group)
-    recv = torch.empty_like(send_counts)
-    recv[me] = send_counts[me]
-    peers = [r for r in range(world) if r != me]
-    start_exchange([(r, send_counts[r:r + 1]) for r in peers], [(r, recv[r:r + 1]) for r in peers], group)()
-    return recv
+    world = send_counts.shape[0]
+    return all_to_all_rows(send_counts.view(world, 1), [1] * world, [1] * world, group).view(world)
 
 
 def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
     """Send the rows of ``x`` [N, width], ``send_counts[r]`` of them to rank ``r`` (in rank order);
     receive the rows sent to this rank, ``recv_counts[r]`` from rank ``r``, concatenated in rank order."""
-    return start_all_to_all_rows(x, send_counts, recv_counts, group)()
+    exchange = Exchange(group)
+    received = exchange.rows(x, send_counts, recv_counts)
+    exchange.start()()
+    return received()
 
 
-def start_all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-                          group) -> Callable[[], torch.Tensor]:
-    """``all_to_all_rows`` without waiting: the sends and receives are posted; the returned function
-    waits for them and gives the received rows."""
-    assert x.dim() == 2, "rows must be a 2-D tensor"
-    row_bytes = x.shape[1] * x.element_size()
-    send = x.contiguous().view(torch.uint8).reshape(x.shape[0], row_bytes)
-    recv = torch.empty(sum(recv_counts), row_bytes, dtype=torch.uint8, device=x.device)
-    me = dist.get_rank(group)
-    sends, recvs = [], []
-    for peer, (out_rows, in_rows) in enumerate(zip(send.split(send_counts), recv.split(recv_counts), strict=True)):
-        if peer == me:
-            in_rows.copy_(out_rows)
-            continue
-        if out_rows.shape[0]:
-            sends.append((peer, out_rows))
-        if in_rows.shape[0]:
-            recvs.append((peer, in_rows))
-    wait = start_exchange(sends, recvs, group)
+class Exchange:
+    """Point-to-point sends and receives of one or more all-to-alls, posted together.
 
-    def received() -> torch.Tensor:
-        wait()
-        return recv.view(x.dtype).reshape(-1, x.shape[1])
-    return received
-
-
-def start_exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]],
-                   group) -> Callable[[], None]:
-    """Post point-to-point sends and receives (peer rank, contiguous tensor), all in flight at once;
-    the returned function waits until every one is done.
-
-    The all-to-alls above are built on this rather than on ``all_to_all_single``: only the pairs
-    with rows to move exchange anything (attention shards never talk to each other, nor expert
-    actors), no pair waits for another, and a receive can be posted before the rows it answers are
-    sent (``Dispatcher``). On gloo over 3 ranks a round trip takes about a third of the time of two
-    ``all_to_all_single`` calls; on NCCL ``batch_isend_irecv`` is one grouped launch.
+    The all-to-alls are built on this rather than on ``all_to_all_single``: only the pairs with rows
+    to move exchange anything (attention shards never talk to each other, nor expert actors), no
+    pair waits for another, and a shard can post the receive of its results in the same batch as
+    the rows they answer (``Dispatcher``): one ``batch_isend_irecv``, which on NCCL is one group, so
+    its sends and receives progress together (a receive in a group of its own, issued first, would
+    block the sends queued behind it on the communicator's stream). On gloo over 3 ranks a round
+    trip took a third of the time of two ``all_to_all_single`` calls (``docs/architecture.md``).
     """
-    ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
-    ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs]
-    works = dist.batch_isend_irecv(ops) if ops else []
 
-    def wait() -> None:
-        for work in works:
-            work.wait()
-    return wait
+    def __init__(self, group):
+        self.group, self.me = group, dist.get_rank(group)
+        self.ops: list[tuple[str, int, torch.Tensor]] = []
+
+    def rows(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> Callable[[], torch.Tensor]:
+        """Add the all-to-all of ``all_to_all_rows``; returns the function that gives the received rows
+        (once ``start``'s wait has returned)."""
+        assert x.dim() == 2, "rows must be a 2-D tensor"
+        row_bytes = x.shape[1] * x.element_size()
+        send = x.contiguous().view(torch.uint8).reshape(x.shape[0], row_bytes)
+        recv = torch.empty(sum(recv_counts), row_bytes, dtype=torch.uint8, device=x.device)
+        for peer, (out_rows, in_rows) in enumerate(zip(send.split(send_counts), recv.split(recv_counts),
+                                                       strict=True)):
+            if peer == self.me:
+                in_rows.copy_(out_rows)
+                continue
+            if out_rows.shape[0]:
+                self.ops.append(("send", peer, out_rows))
+            if in_rows.shape[0]:
+                self.ops.append(("recv", peer, in_rows))
+        return lambda: recv.view(x.dtype).reshape(-1, x.shape[1])
+
+    def start(self) -> Callable[[], None]:
+        """Post every send and receive added so far; returns the function that waits for all of them
+        (the tensors stay referenced until then)."""
+        ops = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, self.group)
+               for kind, peer, t in self.ops]
+        works = dist.batch_isend_irecv(ops) if ops else []
+
+        def wait() -> None:
+            for work in works:
+                work.wait()
+        return wait

@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 
-from actors.collective import GroupInfo, all_to_all_rows, exchange_counts, start_all_to_all_rows
+from actors.collective import Exchange, GroupInfo, all_to_all_rows, exchange_counts
 from actors.expert_bank import ExpertBank
 from actors.placement import RoutingTable
 from kernels.moe import sort_by_expert
@@ -101,14 +101,18 @@ class Dispatcher:
             recv = exchange_counts(send, self.group)
             send_l, recv_l = send.tolist(), recv.tolist()
             out_l = send_l
-        # the results' receive is posted before the rows go: an expert actor may answer before this
-        # shard sends its next micro-batch
-        back = start_all_to_all_rows(x.new_empty(0, x.shape[1]), recv_l, send_l, self.group)  # [T*k, hidden]
-        all_to_all_rows(packed, out_l, recv_l, self.group)
+        # the rows go out and the receive of their results is posted in the same batch: the expert
+        # actors may answer while this shard computes something else (its shared experts, the next
+        # micro-batch); nothing here waits for the sends
+        exchange = Exchange(self.group)
+        exchange.rows(packed, out_l, recv_l)
+        back = exchange.rows(x.new_empty(0, x.shape[1]), recv_l, send_l)  # [T*k, hidden]
+        done = exchange.start()
         self.timer.add("dispatch", t)
 
         def receive() -> torch.Tensor:
             t = time.perf_counter()
+            done()
             rows = back()
             t = self.timer.add("combine_wait", t)
             y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)

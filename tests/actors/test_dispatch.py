@@ -44,7 +44,7 @@ class GuardedTorch:
 
 
 class FakeDist:
-    """``torch.distributed``'s point-to-point calls among threads (the group is ``(self, rank)``), with
+    """``torch.distributed``'s batched point-to-point calls among threads (the group is ``(self, rank)``), with
     rendezvous sends as NCCL (and gloo, for all we rely on) has them: a send completes only once its
     receiver has posted the matching receive; a pair's messages go to its receives in the order
     these were posted. Every tensor handed
@@ -74,6 +74,7 @@ class FakeDist:
 
     def batch_isend_irecv(self, ops):
         works = []
+        self.records.append(("batch", ops[0].group[1], len(ops)))
         for op in ops:
             me, t = op.group[1], op.tensor
             self.records.append(("p2p", t.device, t.dtype))
@@ -116,24 +117,6 @@ class FakeDist:
             self.cv.notify_all()
 
 
-def _recording_collectives(records):
-    """The real all-to-alls (``actors.collective``), each call recorded with its tensor's device and dtype."""
-    def exchange_counts(send, group):
-        records.append(("counts", send.device, send.dtype))
-        assert send.dtype == torch.int64
-        return collective.exchange_counts(send, group)
-
-    def start_all_to_all_rows(x, send_counts, recv_counts, group):
-        records.append(("rows", x.device, x.dtype))
-        assert isinstance(send_counts, list) and isinstance(recv_counts, list)
-        return collective.start_all_to_all_rows(x, send_counts, recv_counts, group)
-
-    def all_to_all_rows(x, send_counts, recv_counts, group):
-        return start_all_to_all_rows(x, send_counts, recv_counts, group)()
-
-    return exchange_counts, all_to_all_rows, start_all_to_all_rows
-
-
 @pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("capacity", [0, 37])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -166,9 +149,6 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
     world = 3
     fake = FakeDist(world, device, records)
     monkeypatch.setattr(collective, "dist", fake)
-    for name, fn in zip(("exchange_counts", "all_to_all_rows", "start_all_to_all_rows"),
-                        _recording_collectives(records), strict=True):
-        monkeypatch.setattr(dispatch, name, fn)
     for mod in (dispatch, placement_mod, kmoe, collective):
         monkeypatch.setattr(mod, "torch", GuardedTorch(violations))
     real_cpu = torch.Tensor.cpu
@@ -222,14 +202,14 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
         copies = plc.layers[layer][e]
         assert all(served[a][s] > 0 for a, s in copies)
     assert sum(map(sum, served.values())) == tokens * args.num_experts_per_tok
-    kinds = [k for k, _, _ in records]
-    if capacity_tokens:  # two all-to-alls per rank and round: padded rows, results
-        assert kinds.count("counts") == 0 and kinds.count("rows") == 6 * micro_batches
-    else:  # three: counts, packed rows, results
-        assert kinds.count("counts") == 3 * micro_batches and kinds.count("rows") == 6 * micro_batches
-    # point to point only between the shard and each expert actor: per round, rank and all-to-all one send
-    # and one receive per peer that moves rows (the counts go to every other rank)
-    assert kinds.count("p2p") == micro_batches * (2 * 2 * 2 + (0 if capacity_tokens else 3 * 2 * 2))
+    batches = [(rank, n) for kind, rank, n in records if kind == "batch"]
+    # per round, the shard posts its rows and the receive of their results as one batch (4 sends and
+    # receives: one each way per expert actor); each expert actor receives (1) and answers (1); the
+    # counts exchange, where it happens, is one more batch per rank (2 sends + 2 receives)
+    counts = [] if capacity_tokens else [(0, 4), (1, 4), (2, 4)]
+    expected = sorted((counts + [(0, 4), (1, 1), (1, 1), (2, 1), (2, 1)]) * micro_batches)
+    assert sorted(batches) == expected
+    assert all(kind != "p2p" or dtype in (torch.uint8, torch.int64) for kind, _, dtype in records)
     assert not violations, violations
     assert not cpu_calls, "a data-path tensor was copied to the host with .cpu()"
 
