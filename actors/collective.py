@@ -71,12 +71,16 @@ class Exchange:
     """Point-to-point sends and receives of one or more all-to-alls, posted together.
 
     The all-to-alls are built on this rather than on ``all_to_all_single``: only the pairs with rows
-    to move exchange anything (attention shards never talk to each other, nor expert actors), no
-    pair waits for another, and a shard can post the receive of its results in the same batch as
-    the rows they answer (``Dispatcher``): one ``batch_isend_irecv``, which on NCCL is one group, so
-    its sends and receives progress together (a receive in a group of its own, issued first, would
-    block the sends queued behind it on the communicator's stream). On gloo over 3 ranks a round
-    trip took a third of the time of two ``all_to_all_single`` calls (``docs/architecture.md``).
+    to move exchange anything (rows never go from shard to shard, nor from expert actor to expert
+    actor; only the counts exchange is a full mesh), no pair waits for another, and a shard can post
+    the receive of its results in the same batch as the rows they answer (``Dispatcher``): one
+    ``batch_isend_irecv``, which on NCCL is one group, so its sends and receives progress together (a
+    receive in a group of its own, issued first, would block the sends queued behind it on the
+    communicator's stream). Within a group NCCL runs one peer's operations in order, so ``start``
+    posts every send before any receive: a shard's receive of results never waits ahead of the send
+    of the rows they answer. On gloo over 3 ranks a round trip took a third of the time of two
+    ``all_to_all_single`` calls (``docs/architecture.md``). Peers are ranks of the group, which is
+    the whole world (``init_group``).
     """
 
     def __init__(self, group):
@@ -104,8 +108,8 @@ class Exchange:
     def start(self) -> Callable[[], None]:
         """Post every send and receive added so far; returns the function that waits for all of them
         (the tensors stay referenced until then)."""
-        ops = [dist.P2POp(dist.isend if kind == "send" else dist.irecv, t, peer, self.group)
-               for kind, peer, t in self.ops]
+        ops = [dist.P2POp(dist.isend, t, peer, self.group) for kind, peer, t in self.ops if kind == "send"]
+        ops += [dist.P2POp(dist.irecv, t, peer, self.group) for kind, peer, t in self.ops if kind == "recv"]
         works = dist.batch_isend_irecv(ops) if ops else []
 
         def wait() -> None:

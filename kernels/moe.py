@@ -62,10 +62,11 @@ def swiglu_dense(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, 
     them all costs a few times the useful flops but a handful of operations instead of a sort,
     padding and a matmul per projection, which is what a small batch pays for."""
     t, e = weights.shape
-    h = F.linear(x, gate_up).view(t, e, 2, -1)
+    h = F.linear(x, gate_up).view(t, e, 2, gate_up.shape[0] // (2 * e))
     h = F.silu(h[:, :, 0]) * h[:, :, 1]  # [T, E, inter]
-    h = (h.float() * weights[..., None]).to(x.dtype)
-    return F.linear(h.view(t, -1), down)
+    acc = torch.promote_types(x.dtype, torch.float32)  # weights applied in float32 at least
+    h = (h.to(acc) * weights[..., None].to(acc)).to(x.dtype)
+    return F.linear(h.view(t, down.shape[1]), down)
 
 
 def swiglu_fp8_sorted(x: torch.Tensor, offsets: torch.Tensor, gate_w, gate_s, up_w, up_s, down_w, down_s):

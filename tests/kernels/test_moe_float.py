@@ -26,3 +26,25 @@ def test_swiglu_sorted_equals_each_expert(tokens, skew):
     want = torch.stack([F.linear(F.silu(F.linear(x[r], gate[k])) * F.linear(x[r], up[k]), down[k])
                         for r, k in zip(rows.tolist(), expert.tolist(), strict=True)])
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("tokens", [0, 5, 64, 65])
+def test_moe_dense_form_equals_sorted_experts(tiny_dir, tokens):
+    """Small batches of a model with few experts take every expert and the shared ones in two matmuls
+    (``swiglu_dense``); the output equals the sorted routed experts plus the shared MLP, computed in
+    float64 from the same weights. 65 tokens x 16 experts is past ``DENSE_ROWS``: the sorted path."""
+    from model.checkpoint import load_model
+    from model.moe import DENSE_ROWS
+
+    model = load_model(tiny_dir, torch.float64, with_mtp=False, progress=False)
+    moe = model.moe_modules[model.args.moe_layers[0]]
+    assert moe.shared_experts is not None and (moe.dense(tokens) is not None) == (tokens * 16 <= DENSE_ROWS)
+    x = torch.randn(tokens, model.args.hidden_size, generator=torch.Generator().manual_seed(tokens),
+                    dtype=torch.float64)
+    routing = moe.gate(x)
+    order, rows, offsets = sort_by_expert(routing.indices, model.args.n_routed_experts)
+    want = torch.zeros_like(x).index_add_(0, rows, swiglu_sorted(x[rows], offsets, *moe.stacked())
+                                          * routing.weights.flatten()[order, None].double())
+    want = want + moe.shared_experts(x)
+    # both forms sum in float32 at least (the routing weights are float32): 1e-6
+    torch.testing.assert_close(moe(x), want, atol=1e-6, rtol=1e-6)
