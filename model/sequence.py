@@ -93,9 +93,10 @@ class Sequence:
         if token_id in self.stop_ids:
             self.finish_reason = "stop"
         elif self.detok is not None:
+            start = len(self.text)
             self.text += self.detok.add(token_id)
-            for s in self.params.stop:
-                cut = self.text.find(s)
+            for s in self.params.stop:  # only where the new text can complete it: no rescan of the whole output
+                cut = self.text.find(s, max(0, start - len(s) + 1))
                 if cut >= 0:
                     self.text = self.text[:cut]
                     self.finish_reason = "stop"

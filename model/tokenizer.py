@@ -157,7 +157,10 @@ class IncrementalDetokenizer:
     """Turns a growing list of token ids into text pieces, never splitting a UTF-8 character.
 
     Text that ends in an incomplete byte sequence (decoded as U+FFFD) is held back until the
-    next token completes it.
+    next token completes it. Each step decodes a short window, not the whole output: the ids since
+    the previous piece's start (``ids[prefix:]``) against the same window without the new ones
+    (``ids[prefix:read]``); the piece is the difference. Both decodes begin at the same token, so
+    whatever a decoder does at the start of a text (dropping a leading space) cancels out.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
@@ -165,18 +168,22 @@ class IncrementalDetokenizer:
         self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""  # emitted so far
+        self._prefix = self._read = 0  # ids[_prefix:_read]: the last piece's tokens, context for the next
 
     def add(self, token_id: int) -> str:
         self.ids.append(token_id)
-        full = self.tokenizer.decode(self.ids, self.skip)
-        if full.endswith("\ufffd"):
-            return ""
-        piece = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = full
-        return piece
+        return self._piece(final=False)
 
     def flush(self) -> str:
-        full = self.tokenizer.decode(self.ids, self.skip)
-        piece = full[len(self.text):] if full.startswith(self.text) else ""
-        self.text = full
+        """Whatever is left, an incomplete character included (the output has ended)."""
+        return self._piece(final=True)
+
+    def _piece(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read], self.skip)
+        now = self.tokenizer.decode(self.ids[self._prefix:], self.skip)
+        if len(now) <= len(before) or not now.startswith(before) or (now.endswith("\ufffd") and not final):
+            return ""
+        piece = now[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += piece
         return piece

