@@ -2,7 +2,8 @@
 
 Both run greedy decoding with their KV cache on the same checkpoint, same dtype, same prompts
 (random token ids, equal lengths so transformers needs no padding), in one run. Decode rate is
-``batch * (N - 1) / (t(N new tokens) - t(1 new token))``, which removes prefill from both.
+``batch * (N - 1) / (t(N new tokens) - t(1 new token))``, which removes prefill from both; prefill
+is ``t(1 new token)``, the time to the first token of the whole batch.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def _decode_rate(run, batch: int, new_tokens: int, repeats: int) -> float:
+def _decode_rate(run, batch: int, new_tokens: int, repeats: int) -> tuple[float, float]:
+    """-> (decode tokens/s, prefill ms)."""
     t_full = _best(lambda: run(new_tokens), repeats)
     t_one = _best(lambda: run(1), repeats)
-    return batch * (new_tokens - 1) / max(t_full - t_one, 1e-9)
+    return batch * (new_tokens - 1) / max(t_full - t_one, 1e-9), t_one * 1e3
 
 
 def main(args) -> int:
@@ -57,14 +59,16 @@ def main(args) -> int:
         def run_ours(n, prompts=prompts):
             llm.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
 
-        row = {"batch": batch, "raymoe_tok_s": _decode_rate(run_ours, batch, args.new_tokens, args.repeats)}
+        rate, prefill = _decode_rate(run_ours, batch, args.new_tokens, args.repeats)
+        row = {"batch": batch, "raymoe_tok_s": rate, "raymoe_prefill_ms": prefill}
         if hf is not None:
             def run_hf(n, prompts=prompts):
                 with torch.inference_mode():
                     hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                                 min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
 
-            row["transformers_tok_s"] = _decode_rate(run_hf, batch, args.new_tokens, args.repeats)
+            row["transformers_tok_s"], row["transformers_prefill_ms"] = _decode_rate(run_hf, batch, args.new_tokens,
+                                                                                  args.repeats)
             row["ratio"] = row["raymoe_tok_s"] / row["transformers_tok_s"]
         rows.append(row)
         print(_format_row(row), flush=True)
@@ -83,10 +87,12 @@ def main(args) -> int:
     return 0
 
 
-HEADER = f"{'batch':>5} | {'raymoe tok/s':>12} | {'transformers tok/s':>18} | {'ratio':>6}"
+HEADER = (f"{'batch':>5} | {'raymoe tok/s':>12} | {'transformers tok/s':>18} | {'ratio':>6} | "
+          f"{'prefill ms raymoe / transformers':>32}")
 
 
 def _format_row(row: dict) -> str:
     nan = float("nan")
     return (f"{row['batch']:>5} | {row['raymoe_tok_s']:12.1f} | {row.get('transformers_tok_s', nan):18.1f} | "
-            f"{row.get('ratio', nan):6.2f}")
+            f"{row.get('ratio', nan):6.2f} | {row['raymoe_prefill_ms']:15.1f} / "
+            f"{row.get('transformers_prefill_ms', nan):.1f}")

@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import kernels
@@ -58,6 +59,21 @@ class AttnMeta:
         offsets = torch.arange(bs, device=device)
         return [(torch.tensor(table, dtype=torch.long, device=device)[:, None] * bs + offsets).flatten()[:end]
                 for table, end in self.spans]
+
+
+BATCHED_SCORES_MAX = 2**24  # float32 scores (64 MB) a batched prefill attention may hold at once
+
+
+def batched_fits(meta: AttnMeta, heads: int) -> bool:
+    """Whether a step's sequences take one padded batch of attention (``MLA._batched_latent``): the
+    padding costs at most 2x the real query x key pairs and the scores fit ``BATCHED_SCORES_MAX``."""
+    q_lens = [b - a for a, b in zip(meta.query_starts, meta.query_starts[1:], strict=False)]
+    if len(q_lens) < 2:
+        return False
+    ctx_lens = [end for _, end in meta.spans]
+    padded = len(q_lens) * max(q_lens) * max(ctx_lens)
+    return padded * heads <= BATCHED_SCORES_MAX and padded <= 2 * sum(q * s for q, s in zip(q_lens, ctx_lens,
+                                                                                         strict=True))
 
 
 class MLA(nn.Module):
@@ -142,6 +158,8 @@ class MLA(nn.Module):
                     q_lat, q_pe, kv_cache.view(-1, meta.block_size, self.kv_lora_rank),
                     pe_cache.view(-1, meta.block_size, self.qk_rope_head_dim),
                     meta.block_table, meta.seq_lens, self.softmax_scale)
+            elif batched_fits(meta, self.n_heads):
+                o_lat = self._batched_latent(q_lat, q_pe, meta, kv_cache, pe_cache)
             else:
                 o_lat = self._per_sequence(self._attend_latent, q_lat, q_pe, meta, kv_cache, pe_cache)
             out = torch.bmm(o_lat.transpose(0, 1), wkv_b[:, self.qk_nope_head_dim:].transpose(1, 2))  # [H, T, v]
@@ -186,13 +204,44 @@ class MLA(nn.Module):
         scores = scores.float().masked_fill(~visible[:, None, :], float("-inf"))
         return scores.softmax(dim=-1)
 
+    def _batched_latent(self, q_lat, q_pe, meta: AttnMeta, kv_cache, pe_cache) -> torch.Tensor:
+        """``_attend_latent`` for every sequence of the step at once (prefill chunks): queries padded to
+        the longest chunk, contexts to the longest context, one masked batch of matmuls. The latent
+        keys are shared by the heads, so each sequence's heads and queries are one [Q*H, r] matrix."""
+        device, h = q_lat.device, self.n_heads
+        q_lens = [b - a for a, b in zip(meta.query_starts, meta.query_starts[1:], strict=False)]
+        ctx_lens = [end for _, end in meta.spans]
+        n, q_max, s_max = len(q_lens), max(q_lens), max(ctx_lens)
+        # padded query j of sequence i: token row query_starts[i] + j (row 0 stands in for padding)
+        j = torch.arange(q_max, device=device)
+        starts = torch.tensor(meta.query_starts[:-1], device=device)
+        lens = torch.tensor(q_lens, device=device)
+        real = j[None, :] < lens[:, None]  # [B, Q]
+        rows = torch.where(real, starts[:, None] + j[None, :], 0)
+        slots = torch.nn.utils.rnn.pad_sequence(meta.context_slots, batch_first=True)  # [B, S], 0-padded
+        kv = kv_cache[slots].to(q_lat.dtype)  # [B, S, r]
+        pe = pe_cache[slots].to(q_lat.dtype)
+        q = q_lat[rows].view(n, q_max * h, -1)
+        scores = torch.bmm(q, kv.transpose(1, 2)).baddbmm_(q_pe[rows].view(n, q_max * h, -1), pe.transpose(1, 2))
+        # query j of sequence i sits at position ctx - q_len + j and sees keys up to it (padding: key 0)
+        q_pos = torch.where(real, torch.tensor(ctx_lens, device=device)[:, None] - lens[:, None] + j[None, :], 0)
+        visible = torch.arange(s_max, device=device)[None, None, :] <= q_pos[:, :, None]  # [B, Q, S]
+        scores = (scores.view(n, q_max, h, s_max).float() * self.softmax_scale).masked_fill_(
+            ~visible[:, :, None, :], float("-inf"))
+        probs = scores.softmax(dim=-1).to(q_lat.dtype).view(n, q_max * h, s_max)
+        return torch.bmm(probs, kv).view(n, q_max, h, -1)[real]  # [T, H, r]
+
     def _attend_latent(self, q_lat, q_pe, ctx_kv, ctx_pe):
         """Absorbed form, dense: [q, H, r] queries against [s, r] latents -> [q, H, r] latent outputs
-        (with the indexer, the absorbed path reads only the selected slots: ``kernels.mla_sparse``)."""
-        scores = (torch.einsum("qhc,sc->qhs", q_lat, ctx_kv)
-                  + torch.einsum("qhr,sr->qhs", q_pe, ctx_pe)) * self.softmax_scale
-        probs = self._causal_softmax(scores).to(q_lat.dtype)
-        return torch.einsum("qhs,sc->qhc", probs, ctx_kv)
+        (with the indexer, the absorbed path reads only the selected slots: ``kernels.mla_sparse``).
+        It is multi-query attention with keys ``[c_kv | k_pe]`` and values ``c_kv`` shared by the
+        heads: one fused ``scaled_dot_product_attention`` call, no [q, H, s] scores in memory."""
+        h, s = q_lat.shape[1], ctx_kv.shape[0]
+        q = torch.cat([q_lat, q_pe], dim=-1).transpose(0, 1)  # [H, q, r + rope]
+        keys = torch.cat([ctx_kv, ctx_pe], dim=-1).expand(h, s, -1)
+        out = F.scaled_dot_product_attention(q, keys, ctx_kv.expand(h, s, -1),
+                                             attn_mask=causal_past(q.shape[1], s, q.device), scale=self.softmax_scale)
+        return out.transpose(0, 1)
 
     def _attend_naive(self, q_nope, q_pe, ctx_kv, ctx_pe, selected=None):
         kv = self.kv_b_proj(ctx_kv).view(ctx_kv.shape[0], self.n_heads, -1)  # [s, H, nope + v]

@@ -66,3 +66,25 @@ def test_bf16_error_no_worse_than_transformers(tiny_dir, model32):
     err = lambda x: ((x - ref).abs().mean(-1) / ref.abs().mean()).median().item()
     assert err(ours) < 1.5 * err(theirs) + 1e-3, (err(ours), err(theirs))
     assert err(ours) < 0.1
+
+
+def test_batched_prefill_attention_equals_per_sequence(model32):
+    """Prefill chunks of several sequences at once (``_batched_latent``: queries and contexts padded,
+    one masked batch) give the same outputs as one sequence at a time, with chunks that start past
+    cached tokens and a sequence with no query this step."""
+    from model.attention import batched_fits
+
+    attn = model32.model.layers[1].self_attn
+    a = model32.args
+    cache = MLACache(a, model32.num_layers, num_blocks=32, block_size=4, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    cache.kv[1].copy_(torch.randn(cache.kv[1].shape, generator=gen))
+    cache.pe[1].copy_(torch.randn(cache.pe[1].shape, generator=gen))
+    meta = cache.build_meta([(0, 0, 9), (1, 5, 12), (2, 7, 7), (3, 3, 10)])  # (seq, start, end)
+    assert batched_fits(meta, attn.n_heads)
+    t = meta.query_starts[-1]
+    q_lat = torch.randn(t, attn.n_heads, a.kv_lora_rank, generator=gen)
+    q_pe = torch.randn(t, attn.n_heads, a.qk_rope_head_dim, generator=gen)
+    got = attn._batched_latent(q_lat, q_pe, meta, cache.kv[1], cache.pe[1])
+    want = attn._per_sequence(attn._attend_latent, q_lat, q_pe, meta, cache.kv[1], cache.pe[1])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
