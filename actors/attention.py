@@ -13,7 +13,7 @@ import ray
 import torch
 
 from actors.collective import GroupInfo, init_group, node_address
-from actors.dispatch import Dispatcher, Timer
+from actors.dispatch import Dispatcher, RowFormat, Timer
 from actors.messages import StepOutput, StepPlan
 from actors.placement import Placement, RoutingTable
 from model.cache import MLACache
@@ -57,7 +57,8 @@ class AttentionShard:
 
     def set_placement(self, placement: Placement) -> int:
         table = RoutingTable(placement, self.info.num_attention, self.device)
-        self.dispatcher = Dispatcher(self.info, self.group, table, self.args.n_routed_experts, self.timer)
+        self.dispatcher = Dispatcher(self.info, self.group, table, self.args.n_routed_experts, self.timer,
+                                     RowFormat(self.args.hidden_size, self.model.dtype, self.args.quant is not None))
         return placement.version
 
     def _routed_experts(self, layer_id: int, x: torch.Tensor, routing):

@@ -91,3 +91,9 @@ class ExpertBank:
             return kernels.moe.swiglu_fp8_sorted(x, offsets, w["gate_proj"], s["gate_proj"], w["up_proj"],
                                                  s["up_proj"], w["down_proj"], s["down_proj"]).to(x.dtype)
         return kernels.moe.swiglu_sorted(x, offsets, w["gate_proj"], w["up_proj"], w["down_proj"])
+
+    def forward_quantized(self, a: torch.Tensor, a_s: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``forward_sorted`` of an FP8 bank on rows quantised already (``act_quant``) -> [N, hidden] bf16."""
+        w, s = self.weights, self.scales
+        return kernels.moe.swiglu_fp8_quantized(a, a_s, offsets, w["gate_proj"], s["gate_proj"], w["up_proj"],
+                                                s["up_proj"], w["down_proj"], s["down_proj"])

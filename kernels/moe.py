@@ -72,7 +72,13 @@ def swiglu_dense(x: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor, 
 def swiglu_fp8_sorted(x: torch.Tensor, offsets: torch.Tensor, gate_w, gate_s, up_w, up_s, down_w, down_s):
     """Expert-sorted rows ``x`` [N, hidden] (rows ``offsets[e]..offsets[e+1]-1`` go to expert ``e``)
     through their experts' SwiGLU on FP8 weights: three grouped GEMM launches. -> [N, hidden] bf16."""
-    a, a_s = kernels.act_quant(x)
+    return swiglu_fp8_quantized(*kernels.act_quant(x), offsets, gate_w, gate_s, up_w, up_s, down_w, down_s)
+
+
+def swiglu_fp8_quantized(a: torch.Tensor, a_s: torch.Tensor, offsets: torch.Tensor, gate_w, gate_s, up_w, up_s,
+                         down_w, down_s):
+    """``swiglu_fp8_sorted`` on rows already quantised (``a`` FP8 [N, hidden], ``a_s`` its 1x128
+    scales, as ``act_quant`` gives them): what an expert actor receives over an FP8 wire."""
     gate = kernels.grouped_fp8_gemm(a, a_s, gate_w, gate_s, offsets)
     up = kernels.grouped_fp8_gemm(a, a_s, up_w, up_s, offsets)
     h, h_s = kernels.act_quant(F.silu(gate.float()) * up.float())

@@ -15,7 +15,7 @@ import actors.dispatch as dispatch
 import actors.placement as placement_mod
 import kernels.moe as kmoe
 from actors.collective import GroupInfo
-from actors.dispatch import Dispatcher, Timer, pack_rows, serve_expert_layer, unpack_rows
+from actors.dispatch import Dispatcher, RowFormat, Timer, pack_rows, serve_expert_layer, unpack_rows
 from actors.expert_bank import ExpertBank
 from actors.placement import Placement, RoutingTable
 from kernels.moe import sort_by_expert
@@ -57,6 +57,7 @@ class FakeDist:
         self.sent = {pair: 0 for pair in self.queues}
         self.posted = {pair: 0 for pair in self.queues}  # receives posted per (source, destination)
         self.failed = False
+        self.send_widths = set()  # bytes per row of everything sent
 
     @staticmethod
     def get_rank(group):
@@ -82,6 +83,7 @@ class FakeDist:
             assert t.is_contiguous()
             with self.cv:
                 if op.op == self.isend:
+                    self.send_widths.add(t.shape[-1] * t.element_size())
                     pair = (me, op.peer)
                     self.queues[pair].append(t.clone())
                     self.cv.notify_all()
@@ -119,17 +121,22 @@ class FakeDist:
 
 @pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("capacity", [0, 37])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dispatch_combine_equals_local_experts_and_keeps_tensors_on_the_device(tiny_dir, monkeypatch, dtype,
-                                                                               capacity, micro_batches):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "fp8"])
+def test_dispatch_combine_equals_local_experts_and_keeps_tensors_on_the_device(tiny_dir, tiny_fp8_dir, monkeypatch,
+                                                                               dtype, capacity, micro_batches):
     """``capacity`` 0: the counts are exchanged; 37 (the step's tokens): fixed-capacity buffers.
     ``micro_batches`` 2: the shard sends both halves before it waits for either's results (as two
     interleaved micro-batches do), the experts serve them in turn; with rendezvous sends, a results'
-    receive posted only when the results are wanted deadlocks here (a timeout) rather than passes."""
-    check_dispatch(tiny_dir, monkeypatch, dtype, "cpu", capacity, micro_batches)  # tests/gpu: device="cuda"
+    receive posted only when the results are wanted deadlocks here (a timeout) rather than passes.
+    ``fp8``: an FP8 checkpoint served in bfloat16; rows travel quantised (``RowFormat``), about half
+    the bytes, and the result is the one the expert computes from the bfloat16 rows itself."""
+    if dtype == "fp8":
+        check_dispatch(tiny_fp8_dir, monkeypatch, torch.bfloat16, "cpu", capacity, micro_batches, fp8=True)
+    else:
+        check_dispatch(tiny_dir, monkeypatch, dtype, "cpu", capacity, micro_batches)  # tests/gpu: device="cuda"
 
 
-def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micro_batches=1):
+def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micro_batches=1, fp8=False):
     reader = CheckpointReader(tiny_dir)
     args = reader.args
     layer, n = args.moe_layers[0], args.n_routed_experts
@@ -158,7 +165,8 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
 
     def attention():
         info = GroupInfo(0, world, 1)
-        d = Dispatcher(info, (fake, 0), RoutingTable(plc, 1, device), n, Timer())
+        d = Dispatcher(info, (fake, 0), RoutingTable(plc, 1, device), n, Timer(),
+                       RowFormat(args.hidden_size, dtype, fp8))
         d.capacity = capacity_tokens * args.num_experts_per_tok
         receives = [d(layer, x[p], Routing(weights[p], indices[p])) for p in parts]  # all sent, then received
         out["y"] = torch.cat([receive() for receive in receives])
@@ -196,6 +204,10 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
         0, rows, local * weights.flatten()[order, None])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(out["y"].float(), expected.to(dtype).float(), atol=tol, rtol=tol)
+    assert full.fp8 == fp8
+    hidden_bytes = args.hidden_size + 4 * -(-args.hidden_size // 128) if fp8 else args.hidden_size * dtype.itemsize
+    # rows go out with their slot id; results come back as hidden x dtype (and counts as 8 bytes)
+    assert fake.send_widths - {8} == {hidden_bytes + dispatch.SLOT_BYTES, args.hidden_size * dtype.itemsize}
     assert out["load"].tolist() == torch.bincount(indices.flatten(), minlength=n).tolist()
     # the rows of the replicated expert were split over both copies
     for e in (0,):
@@ -221,3 +233,20 @@ def test_pack_rows_round_trip():
     assert torch.equal(rows, x) and torch.equal(slots, slot)
     rows, slots = unpack_rows(pack_rows(x[:0], slot[:0]), 7, torch.bfloat16)  # a rank that sends nothing
     assert rows.shape == (0, 7) and slots.shape == (0,)
+
+
+@pytest.mark.parametrize("rows", [0, 5])
+def test_fp8_row_format_carries_exactly_what_act_quant_gives(rows):
+    """An FP8 checkpoint's rows travel as act_quant's values and scales (hidden 200: two scale
+    blocks, the last one short), and decode to them bit for bit; a shard with no rows sends none."""
+    import kernels
+
+    fmt = RowFormat(200, torch.bfloat16, fp8=True)
+    x = torch.randn(rows, 200, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    wire = fmt.encode(x)
+    assert wire.dtype == torch.uint8 and wire.shape == (rows, 200 + 2 * 4) and fmt.width == 208
+    a, a_s = fmt.decode(wire)
+    want_a, want_s = kernels.act_quant(x)
+    assert torch.equal(a.view(torch.uint8), want_a.view(torch.uint8)) and torch.equal(a_s, want_s)
+    (back,) = RowFormat(200, torch.bfloat16, fp8=False).decode(RowFormat(200, torch.bfloat16, fp8=False).encode(x))
+    assert torch.equal(back, x)

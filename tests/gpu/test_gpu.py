@@ -15,9 +15,12 @@ PROMPTS = ["Hello world, the expert", "A", "The cluster of actors is large and t
 GREEDY = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dispatch_on_cuda(tiny_dir, monkeypatch, dtype):
-    check_dispatch(tiny_dir, monkeypatch, dtype, "cuda")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, "fp8"])
+def test_dispatch_on_cuda(tiny_dir, tiny_fp8_dir, monkeypatch, dtype):
+    if dtype == "fp8":  # rows quantised on the wire with the Triton act_quant, the expert's FP8 GEMM on them
+        check_dispatch(tiny_fp8_dir, monkeypatch, torch.bfloat16, "cuda", 37, 2, fp8=True)
+    else:
+        check_dispatch(tiny_dir, monkeypatch, dtype, "cuda")
 
 
 @pytest.mark.parametrize("ckpt", ["tiny_dir", "tiny_fp8_dir"])
