@@ -54,6 +54,8 @@ class RowFormat:
         """[T, hidden] activations -> [T, width] bytes."""
         if not self.fp8:
             return x.contiguous().view(torch.uint8).reshape(x.shape[0], self.width)
+        if x.shape[0] == 0:  # a shard with no tokens (its empty scales may not be viewable as bytes)
+            return x.new_empty(0, self.width, dtype=torch.uint8)
         a, a_s = kernels.act_quant(x)
         scales = a_s.contiguous().view(torch.uint8).reshape(x.shape[0], 4 * self.n_scales)
         return torch.cat([a.view(torch.uint8), scales], dim=1)

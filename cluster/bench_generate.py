@@ -95,4 +95,4 @@ def _format_row(row: dict) -> str:
     nan = float("nan")
     return (f"{row['batch']:>5} | {row['raymoe_tok_s']:12.1f} | {row.get('transformers_tok_s', nan):18.1f} | "
             f"{row.get('ratio', nan):6.2f} | {row['raymoe_prefill_ms']:15.1f} / "
-            f"{row.get('transformers_prefill_ms', nan):.1f}")
+            f"{row.get('transformers_prefill_ms', nan):<14.1f}")

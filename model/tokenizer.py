@@ -42,6 +42,8 @@ class Tokenizer:
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default") or next(iter(named.values()), None)
         self._compiled = None
+        # ids that decode to nothing when special tokens are skipped
+        self.special_ids = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
         # longest first, so that a token holding another is taken whole
         self._added = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values()} |
                              {_ESCAPE_OPEN, _ESCAPE_CLOSE}, key=len, reverse=True)
@@ -171,6 +173,8 @@ class IncrementalDetokenizer:
         self._prefix = self._read = 0  # ids[_prefix:_read]: the last piece's tokens, context for the next
 
     def add(self, token_id: int) -> str:
+        if self.skip and token_id in self.tokenizer.special_ids:
+            return ""  # decodes to nothing: kept out of the window (a long run would grow it)
         self.ids.append(token_id)
         return self._piece(final=False)
 
@@ -181,7 +185,14 @@ class IncrementalDetokenizer:
     def _piece(self, final: bool) -> str:
         before = self.tokenizer.decode(self.ids[self._prefix:self._read], self.skip)
         now = self.tokenizer.decode(self.ids[self._prefix:], self.skip)
-        if len(now) <= len(before) or not now.startswith(before) or (now.endswith("\ufffd") and not final):
+        if not now.startswith(before):  # a decoder that rewrites earlier text: resynchronise on the whole
+            now = self.tokenizer.decode(self.ids, self.skip)
+            piece = now[len(self.text):] if now.startswith(self.text) else ""
+            self.text, self._prefix, self._read = now, len(self.ids), len(self.ids)
+            return piece
+        # a character is at most 4 bytes: a replacement character 4 tokens on is in the output for good
+        incomplete = now.endswith("\ufffd") and len(self.ids) - self._read < 4
+        if len(now) <= len(before) or (incomplete and not final):
             return ""
         piece = now[len(before):]
         self._prefix, self._read = self._read, len(self.ids)

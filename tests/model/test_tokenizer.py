@@ -50,8 +50,9 @@ def test_incremental_detokenizer_never_splits_characters(tiny_dir):
 
 def test_incremental_detokenizer_decodes_short_windows_not_the_whole_output(tiny_dir, monkeypatch):
     """Streaming a long output re-decodes only the last few tokens per step (the whole output each
-    time would be quadratic), and the pieces still add up to the full decode, spaces and newlines
-    included; the same over the real DeepSeek-V3 tokenizer where it is installed."""
+    time would be quadratic), also across a long run of skipped special tokens, and the pieces still
+    add up to the full decode, spaces and newlines included; the same over the real DeepSeek-V3
+    tokenizer where it is installed."""
     dirs = [tiny_dir]
     try:
         dirs.append(_deepseek_dir())
@@ -61,6 +62,8 @@ def test_incremental_detokenizer_decodes_short_windows_not_the_whole_output(tiny
     for path in dirs:
         tok = Tokenizer.from_dir(path)
         ids = tok.encode(text, add_bos=False)
+        assert tok.eos_token_id in tok.special_ids
+        ids = ids[:100] + [tok.eos_token_id] * 300 + ids[100:]  # a long run that decodes to nothing
         windows = []
         real = tok.decode
         monkeypatch.setattr(tok, "decode", lambda i, skip=True: windows.append(len(i)) or real(i, skip))
@@ -70,6 +73,12 @@ def test_incremental_detokenizer_decodes_short_windows_not_the_whole_output(tiny
         assert len(ids) > 200
         assert "".join(pieces) == tok.decode(ids) == detok.text
         assert max(windows) <= 8, max(windows)
+    # bytes that never complete a character come out (as U+FFFD) once 4 more tokens arrived, not at the end
+    tok = Tokenizer.from_dir(tiny_dir)
+    lone = [i for i in range(tok.vocab_size) if tok.decode([i]) == "\ufffd"][:1] * 6
+    assert lone, "a byte-level vocabulary has tokens for lone continuation bytes"
+    detok = IncrementalDetokenizer(tok)
+    assert "\ufffd" in "".join(detok.add(i) for i in lone)
 
 
 def _deepseek_dir() -> Path:
