@@ -99,8 +99,8 @@ class Dispatcher:
     """The attention shard's side: sends routed rows out and sums the experts' results back."""
 
     def __init__(self, info: GroupInfo, group, table: RoutingTable, n_experts: int, timer: Timer,
-                 row_format: RowFormat | None = None):
-        """``row_format``: how rows travel (``None``: the activations' own bytes)."""
+                 row_format: RowFormat):
+        """``row_format``: how rows travel (the expert actors build the same from the checkpoint)."""
         self.info, self.group, self.table, self.timer = info, group, table, timer
         self.row_format = row_format
         self.n_experts = n_experts
@@ -119,8 +119,7 @@ class Dispatcher:
         order, token, offsets = sort_by_expert(rank.view_as(routing.indices), self.info.world_size)
         send = offsets.diff()
         t = self.timer.add("gate", t)
-        wire = x if self.row_format is None else self.row_format.encode(x)  # per token, before the fan-out
-        packed = pack_rows(wire[token], slot[order])
+        packed = pack_rows(self.row_format.encode(x)[token], slot[order])  # encoded per token, then fanned out
         info, cap = self.info, self.capacity
         if fixed_capacity(cap, info, packed.shape[1]):
             send_l, recv_l = send.tolist(), [0] * info.world_size

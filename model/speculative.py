@@ -82,9 +82,8 @@ def run_chunks(model, cache: MLACache, works: list[ChunkWork], tables: dict[int,
     may be empty) interleaved at the MoE layers (``Transformer.forward_parts``): an attention
     shard's way of computing one micro-batch's attention while the other's rows are at the experts."""
     device = cache.device
-    if micro_batches > 1:
-        works = sorted(works, key=lambda w: w.micro_batch)
-    parts = [[w for w in works if w.micro_batch == m] for m in range(micro_batches)] if micro_batches > 1 else [works]
+    works = sorted(works, key=lambda w: w.micro_batch)  # stable: the order stays within a micro-batch
+    parts = [[w for w in works if w.micro_batch == m] for m in range(micro_batches)]
     inputs, query_starts = [], [0]
     for part in parts:
         meta = cache.build_meta([(w.seq_id, w.start, w.start + len(w.tokens)) for w in part], tables)
