@@ -67,6 +67,8 @@ def cmd_bench(args) -> int:
         from cluster.bench_spec import main as bench_main
     elif args.what == "sparse":
         from cluster.bench_sparse import main as bench_main
+    elif args.what == "collective":
+        from cluster.bench_collective import main as bench_main
     else:
         from cluster.bench_kernels import main as bench_main
     if args.out is None:
@@ -150,11 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
-    p.add_argument("what", choices=["generate", "cluster", "balance", "sparse", "kernels", "spec"])
+    p.add_argument("what", choices=["generate", "cluster", "balance", "sparse", "kernels", "spec", "collective"])
     p.add_argument("--ks", default=None, help="spec: draft tokens per step to measure (default 1,2,3)")
     p.add_argument("--decode-steps", default=None, help="cluster: model steps per actor call to measure (1,4)")
     p.add_argument("--micro-batches", default=None, help="cluster: micro-batches per shard to measure (1,2)")
     p.add_argument("--contexts", default=None, help="sparse: context lengths (default 512,...,16384)")
+    p.add_argument("--rows", default=None, help="collective: rows per expert actor (default 4,32,128)")
     p.add_argument("--model", help="checkpoint folder (default: the default model, model/weights/shakespeare)")
     p.add_argument("--batch-sizes", default=None, help="default 1,8,32 (spec: 1,8)")
     p.add_argument("--prompt-len", type=int, default=32)
