@@ -53,6 +53,14 @@ class AttnMeta:
     def num_seqs(self) -> int:
         return len(self.spans)
 
+    @property
+    def query_lens(self) -> list[int]:
+        return [b - a for a, b in zip(self.query_starts, self.query_starts[1:], strict=False)]
+
+    @property
+    def context_lens(self) -> list[int]:
+        return [end for _, end in self.spans]
+
     @functools.cached_property
     def context_slots(self) -> list[torch.Tensor]:
         device, bs = self.positions.device, self.block_size
@@ -67,10 +75,9 @@ BATCHED_SCORES_MAX = 2**24  # float32 scores (64 MB) a batched prefill attention
 def batched_fits(meta: AttnMeta, heads: int) -> bool:
     """Whether a step's sequences take one padded batch of attention (``MLA._batched_latent``): the
     padding costs at most 2x the real query x key pairs and the scores fit ``BATCHED_SCORES_MAX``."""
-    q_lens = [b - a for a, b in zip(meta.query_starts, meta.query_starts[1:], strict=False)]
+    q_lens, ctx_lens = meta.query_lens, meta.context_lens
     if len(q_lens) < 2:
         return False
-    ctx_lens = [end for _, end in meta.spans]
     padded = len(q_lens) * max(q_lens) * max(ctx_lens)
     return padded * heads <= BATCHED_SCORES_MAX and padded <= 2 * sum(q * s for q, s in zip(q_lens, ctx_lens,
                                                                                          strict=True))
@@ -209,8 +216,7 @@ class MLA(nn.Module):
         the longest chunk, contexts to the longest context, one masked batch of matmuls. The latent
         keys are shared by the heads, so each sequence's heads and queries are one [Q*H, r] matrix."""
         device, h = q_lat.device, self.n_heads
-        q_lens = [b - a for a, b in zip(meta.query_starts, meta.query_starts[1:], strict=False)]
-        ctx_lens = [end for _, end in meta.spans]
+        q_lens, ctx_lens = meta.query_lens, meta.context_lens
         n, q_max, s_max = len(q_lens), max(q_lens), max(ctx_lens)
         # padded query j of sequence i: token row query_starts[i] + j (row 0 stands in for padding)
         j = torch.arange(q_max, device=device)
