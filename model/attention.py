@@ -155,7 +155,11 @@ class MLA(nn.Module):
             if all(m is None for m in masks):
                 masks = None  # every context fits in index_topk: dense attention is the same
         if absorb:
-            wkv_b = self.wkv_b(x.dtype)
+            # on CPU the latent attention runs in float32 whatever the model's dtype: there, bfloat16
+            # batched matmuls this small cost more than the casts (float32 is also the more exact)
+            dt = torch.float32 if x.device.type == "cpu" else x.dtype
+            wkv_b = self.wkv_b(dt)
+            q_nope, q_pe = q_nope.to(dt), q_pe.to(dt)
             q_lat = torch.bmm(q_nope.transpose(0, 1), wkv_b[:, : self.qk_nope_head_dim]).transpose(0, 1)  # [T, H, r]
             if masks is not None:  # V3.2 past index_topk: every query row over its selected slots, one call
                 o_lat = kernels.mla_sparse(q_lat, q_pe, kv_cache, pe_cache, self._selected_slots(meta, masks),
@@ -170,7 +174,7 @@ class MLA(nn.Module):
             else:
                 o_lat = self._per_sequence(self._attend_latent, q_lat, q_pe, meta, kv_cache, pe_cache)
             out = torch.bmm(o_lat.transpose(0, 1), wkv_b[:, self.qk_nope_head_dim:].transpose(1, 2))  # [H, T, v]
-            out = out.transpose(0, 1)
+            out = out.transpose(0, 1).to(x.dtype)
         else:
             out = self._per_sequence(self._attend_naive, q_nope, q_pe, meta, kv_cache, pe_cache, masks)
         return self.o_proj(out.flatten(1))
