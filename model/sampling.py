@@ -114,15 +114,17 @@ def position_generator(params: SamplingParams, position: int,
     return gen
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+           token: int | None = None):
     """One token from ``logits`` [vocab] (float32). Returns ``(token_id, top, logprob)``: ``top`` is
     the list of ``params.logprobs`` ``(token_id, logprob)`` pairs, best first, and ``logprob`` that of
-    the token picked (``None`` when ``params.logprobs`` is 0), both from the unmodified log-softmax."""
-    logits = logits.float()
-    token = _pick(logits, params, generator)
+    the token picked (``None`` when ``params.logprobs`` is 0), both from the unmodified log-softmax.
+    ``token``: the pick, already made (a greedy batch's argmax)."""
+    if token is None:
+        token = _pick(logits.float(), params, generator)
     if not params.logprobs:
         return token, [], None
-    lp = torch.log_softmax(logits, dim=-1)
+    lp = torch.log_softmax(logits.float(), dim=-1)
     vals, idx = lp.topk(min(params.logprobs, lp.numel()))
     return token, list(zip(idx.tolist(), vals.tolist(), strict=True)), float(lp[token])
 

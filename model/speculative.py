@@ -51,10 +51,12 @@ class ChunkResult:
     drafts: list[int] = field(default_factory=list)  # proposed for the next step
 
 
-def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, position: int):
+def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, position: int,
+           argmax: list[int] | None = None):
     """``logits`` [len(drafts)+1, vocab]: the main model's scores for positions ``position..``;
     returns the emitted ``(token, top, logprob)`` list (the kept drafts and one more) and how many
-    drafts were kept.
+    drafts were kept. ``argmax``: each row's best token, computed for the whole batch at once (a
+    greedy request's picks).
 
     Each position's token is drawn exactly as without drafts (``sample`` with the position's own
     random stream) and a draft is kept when it is that token. For a greedy draft (a point mass)
@@ -63,7 +65,10 @@ def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, posi
     seeded request gives the same text with or without drafts."""
     out = []
     for j in range(len(drafts) + 1):
-        out.append(sample(logits[j], params, position_generator(params, position + j, logits.device)))
+        if params.greedy and argmax is not None:
+            out.append(sample(logits[j], params, None, token=argmax[j]))
+        else:
+            out.append(sample(logits[j], params, position_generator(params, position + j, logits.device)))
         if j == len(drafts) or out[-1][0] != drafts[j]:
             break
     return out, len(out) - 1
@@ -95,12 +100,14 @@ def run_chunks(model, cache: MLACache, works: list[ChunkWork], tables: dict[int,
     if picks:
         rows = [r for i in picks for r in range(query_starts[i + 1] - works[i].drafts - 1, query_starts[i + 1])]
         logits = model.logits(hidden[torch.tensor(rows, device=device)])
+        # greedy requests' picks in one operation for the batch, not one per row
+        argmax = logits.argmax(dim=-1).tolist() if any(works[i].params.greedy for i in picks) else None
         at = 0
         for i in picks:
             w = works[i]
             n = w.drafts + 1
             emitted, accepted = verify(logits[at:at + n], w.tokens[len(w.tokens) - w.drafts:], w.params,
-                                       w.start + len(w.tokens) - w.drafts)
+                                       w.start + len(w.tokens) - w.drafts, argmax and argmax[at:at + n])
             results[w.seq_id] = ChunkResult(emitted, accepted)
             at += n
     drafting = [i for i, w in enumerate(works) if w.propose and model.mtp_layers
