@@ -82,7 +82,7 @@ class AttentionShard:
                            c.next_token, len(c.block_table) * self.block_size, part)
                  for c, part in zip(plan.chunks, parts, strict=True)]
         tables = {c.seq_id: c.block_table for c in plan.chunks}
-        self.dispatcher.capacity = plan.capacity_tokens * self.args.num_experts_per_tok
+        self.dispatcher.capacity = plan.capacity_tokens  # a token is at most one row per expert actor
         chunks = {c.seq_id: c for c in plan.chunks}
         sampled, drafts, computed = {}, {}, 0
         for _ in range(plan.decode_steps):  # every call runs them all: the expert actors step in lockstep

@@ -2,13 +2,19 @@
 experts and come back, per MoE layer, as uneven all-to-alls (``actors.collective``: point-to-point
 sends and receives between the pairs that move rows).
 
-Both sides run the same collectives per MoE layer, in order: counts, rows (each row's bytes followed
-by the 8 bytes of its slot id), results. When the step's rows fit fixed-capacity buffers (the engine
-gives every actor the same bound on any shard's tokens per model step, so all sides decide alike),
-the counts exchange is skipped: each shard sends every expert actor exactly ``capacity`` rows, the
-unused ones with slot id -1, and the expert actor counts the valid rows it got. Every tensor of the
-data plane stays on the actor's device (NCCL takes device tensors only); the one host sync per
-layer is reading the counts.
+A token travels once to each expert actor that holds any of its chosen experts, not once per chosen
+expert: its row, then for each of its ``top_k`` choices the slot on that actor (-1: the choice went
+elsewhere) and the routing weight. The expert actor computes each choice it holds and sends back the
+token's weighted sum over them (float32); the shard adds the actors' sums. With top-4 of 16 experts
+on 2 actors a token reaches 1.9 actors on average: half the rows of one per choice each way.
+
+Both sides run the same collectives per MoE layer, in order: counts, rows, results. When the step's
+rows fit fixed-capacity buffers (the engine gives every actor the same bound on any shard's tokens
+per model step, so all sides decide alike, and a token is at most one row per actor), the counts
+exchange is skipped: each shard sends every expert actor exactly ``capacity`` rows, the unused ones
+with every slot -1, and the expert actor counts the rows it got. Every tensor of the data plane stays
+on the actor's device (NCCL takes device tensors only); the one host sync per layer is reading the
+counts.
 """
 
 from __future__ import annotations
@@ -26,14 +32,13 @@ from actors.placement import RoutingTable
 from kernels.moe import sort_by_expert
 from model.moe import Routing
 
-SLOT_BYTES = 8  # an int64 slot id rides at the end of each row
 CAPACITY_BYTES = 16 * 2**20  # fixed-capacity buffers up to this size per rank and MoE layer
 
 
 def fixed_capacity(capacity: int, info: GroupInfo, row_bytes: int) -> bool:
-    """Whether a layer's rows go out in fixed-capacity buffers (``capacity`` rows per shard and expert
-    actor; 0: the step has no bound) instead of after a counts exchange. Both sides decide it from
-    the same figures."""
+    """Whether a layer's rows go out in fixed-capacity buffers (``capacity`` rows, that is tokens, per
+    shard and expert actor; 0: the step has no bound) instead of after a counts exchange. Both sides
+    decide it from the same figures."""
     n_experts = info.world_size - info.num_attention
     return capacity > 0 and capacity * max(info.num_attention, n_experts) * row_bytes <= CAPACITY_BYTES
 
@@ -69,18 +74,25 @@ class RowFormat:
         return a, payload[:, self.hidden:].contiguous().view(torch.float32).reshape(n, self.n_scales)
 
 
-def pack_rows(x: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Rows ``x`` [N, hidden] and their slot ids [N] as one byte matrix [N, hidden bytes + 8]."""
-    raw = x.contiguous().view(torch.uint8).reshape(x.shape[0], x.shape[1] * x.element_size())
-    ids = slot.to(torch.int64).contiguous().view(torch.uint8).reshape(x.shape[0], SLOT_BYTES)
-    return torch.cat([raw, ids], dim=1)
+def pack_rows(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Rows ``x`` [N, width] bytes with each row's ``top_k`` choices, ``slots`` [N, k] (int32, -1: not
+    on this actor) and ``weights`` [N, k] (float32), as one byte matrix [N, width + 8k]."""
+    n, k = slots.shape
+    return torch.cat([x, slots.to(torch.int32).contiguous().view(torch.uint8).reshape(n, 4 * k),
+                      weights.float().contiguous().view(torch.uint8).reshape(n, 4 * k)], dim=1)
 
 
-def unpack_rows(packed: torch.Tensor, hidden: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    n, width = packed.shape[0], packed.shape[1] - SLOT_BYTES
-    rows = packed[:, :width].contiguous().view(dtype).reshape(n, hidden)
-    slots = packed.new_empty(n, SLOT_BYTES).copy_(packed[:, width:]).view(torch.int64).reshape(n)  # aligned copy
-    return rows, slots
+def unpack_rows(packed: torch.Tensor, width: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``pack_rows``' inverse: (rows [N, width] bytes, slots [N, k] int32, weights [N, k] float32)."""
+    n = packed.shape[0]
+    choices = packed.new_empty(n, 8 * top_k).copy_(packed[:, width:])  # aligned for the views below
+    slots = choices[:, :4 * top_k].contiguous().view(torch.int32).reshape(n, top_k)
+    weights = choices[:, 4 * top_k:].contiguous().view(torch.float32).reshape(n, top_k)
+    return packed[:, :width], slots, weights
+
+
+def row_bytes(fmt: RowFormat, top_k: int) -> int:
+    return fmt.width + 8 * top_k
 
 
 class Timer:
@@ -111,26 +123,33 @@ class Dispatcher:
         """Send the routed rows of ``x`` out; returns the function that waits for the experts' results
         and sums them per token (the caller computes something else in between: ``MoE.stages``)."""
         t = time.perf_counter()
-        flat = routing.indices.flatten()
-        load = torch.bincount(flat, minlength=self.n_experts)  # on the device; read after the step
+        info, cap, device = self.info, self.capacity, x.device
+        tokens, top_k = routing.indices.shape
+        load = torch.bincount(routing.indices.flatten(), minlength=self.n_experts)  # on the device; read later
         self.load[layer] = load if layer not in self.load else self.load[layer] + load
         rank, slot = self.table.choose(layer, routing.indices)  # [T * top_k] each
-        # group the rows by destination rank
-        order, token, offsets = sort_by_expert(rank.view_as(routing.indices), self.info.world_size)
-        send = offsets.diff()
+        # one row per (destination, token): sorted by destination, then token
+        pairs, row_of = torch.unique(rank * tokens + torch.arange(tokens, device=device).repeat_interleave(top_k),
+                                     return_inverse=True)
+        dest, token = pairs // tokens, pairs % tokens
+        choice = torch.arange(tokens * top_k, device=device) % top_k
+        slots = torch.full((pairs.shape[0], top_k), -1, dtype=torch.int32, device=device)
+        slots[row_of, choice] = slot.to(torch.int32)
+        weights = torch.zeros(pairs.shape[0], top_k, dtype=torch.float32, device=device)
+        weights[row_of, choice] = routing.weights.flatten().float()
+        send = torch.bincount(dest, minlength=info.world_size)
         t = self.timer.add("gate", t)
-        packed = pack_rows(self.row_format.encode(x)[token], slot[order])  # encoded per token, then fanned out
-        info, cap = self.info, self.capacity
+        packed = pack_rows(self.row_format.encode(x)[token], slots, weights)  # encoded per token, then fanned out
         if fixed_capacity(cap, info, packed.shape[1]):
             send_l, recv_l = send.tolist(), [0] * info.world_size
             if max(send_l) > cap:
                 raise RuntimeError(f"layer {layer}: {max(send_l)} rows for one expert actor, capacity {cap}")
-            dest = rank.flatten()[order] - info.num_attention
-            pos = dest * cap + torch.arange(len(order), device=x.device) - offsets[dest + info.num_attention]
+            offsets = torch.cumsum(send, 0) - send
+            at = (dest - info.num_attention) * cap + torch.arange(len(dest), device=device) - offsets[dest]
             buffer = torch.zeros(cap * (info.world_size - info.num_attention), packed.shape[1], dtype=torch.uint8,
-                                 device=x.device)
-            buffer[:, -SLOT_BYTES:] = 255  # slot id -1: an unused row
-            buffer[pos] = packed
+                                 device=device)
+            buffer[:, self.row_format.width:self.row_format.width + 4 * top_k] = 255  # slot -1: an unused row
+            buffer[at] = packed
             packed, out_l = buffer, [0] * info.num_attention + [cap] * (info.world_size - info.num_attention)
         else:
             recv = exchange_counts(send, self.group)
@@ -141,55 +160,54 @@ class Dispatcher:
         # micro-batch); nothing here waits for the sends
         exchange = Exchange(self.group)
         exchange.rows(packed, out_l, recv_l)
-        back = exchange.rows(x.new_empty(0, x.shape[1]), recv_l, send_l)  # [T*k, hidden]
+        back = exchange.rows(x.new_empty(0, x.shape[1], dtype=torch.float32), recv_l, send_l)  # [rows, hidden]
         done = exchange.start()
         self.timer.add("dispatch", t)
 
         def receive() -> torch.Tensor:
             t = time.perf_counter()
             done()
-            rows = back()
+            sums = back()  # each row's weighted sum over the choices its expert actor holds
             t = self.timer.add("combine_wait", t)
-            y = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-            y.index_add_(0, token, rows.float() * routing.weights.flatten()[order, None])
+            y = torch.zeros(x.shape, dtype=torch.float32, device=device).index_add_(0, token, sums)
             self.timer.add("combine", t)
             return y.to(x.dtype)
         return receive
 
 
-def serve_expert_layer(info: GroupInfo, group, bank: ExpertBank, hidden: int, dtype: torch.dtype,
+def serve_expert_layer(info: GroupInfo, group, bank: ExpertBank, hidden: int, dtype: torch.dtype, top_k: int,
                        timer: Timer, capacity: int = 0) -> list[int]:
     """The expert actor's side of one MoE layer; returns the rows it computed per slot. ``capacity``:
-    rows per shard this step, as the shards' dispatchers have it."""
+    rows (tokens) per shard this step, as the shards' dispatchers have it."""
     t = time.perf_counter()
     device = bank.device
     fmt = RowFormat(hidden, dtype, bank.fp8)
-    row_bytes = fmt.width + SLOT_BYTES
-    nothing = torch.empty(0, row_bytes, dtype=torch.uint8, device=device)
-    if fixed_capacity(capacity, info, row_bytes):
+    nothing = torch.empty(0, row_bytes(fmt, top_k), dtype=torch.uint8, device=device)
+    if fixed_capacity(capacity, info, row_bytes(fmt, top_k)):
         send_l = [0] * info.world_size
         packed = all_to_all_rows(nothing, send_l, [capacity] * info.num_attention
                                  + [0] * (info.world_size - info.num_attention), group)
-        rows, slots = unpack_rows(packed, fmt.width, torch.uint8)
-        valid = slots >= 0
-        recv_l = valid.view(info.num_attention, capacity).sum(dim=1).tolist() + [0] * (
+        rows, slots, weights = unpack_rows(packed, fmt.width, top_k)
+        used = (slots >= 0).any(dim=1)
+        recv_l = used.view(info.num_attention, capacity).sum(dim=1).tolist() + [0] * (
             info.world_size - info.num_attention)
-        rows, slots = rows[valid], slots[valid]
+        rows, slots, weights = rows[used], slots[used], weights[used]
     else:
         send = torch.zeros(info.world_size, dtype=torch.int64, device=device)
         recv = exchange_counts(send, group)
         send_l, recv_l = send.tolist(), recv.tolist()
         packed = all_to_all_rows(nothing, send_l, recv_l, group)
-        rows, slots = unpack_rows(packed, fmt.width, torch.uint8)
+        rows, slots, weights = unpack_rows(packed, fmt.width, top_k)
     t = timer.add("dispatch", t)
-    order, _, offsets = sort_by_expert(slots[:, None], bank.num_slots)
-    counts = offsets.diff()
-    out = torch.empty(rows.shape[0], hidden, dtype=dtype, device=device)
-    if rows.shape[0]:
-        sorted_rows = fmt.decode(rows[order])
+    row, which = (slots >= 0).nonzero(as_tuple=True)  # the choices held here
+    order, _, offsets = sort_by_expert(slots[row, which].long()[:, None], bank.num_slots)
+    sums = torch.zeros(rows.shape[0], hidden, dtype=torch.float32, device=device)
+    if row.shape[0]:
+        src = row[order]
+        sorted_rows = fmt.decode(rows[src])
         y = bank.forward_quantized(*sorted_rows, offsets) if fmt.fp8 else bank.forward_sorted(*sorted_rows, offsets)
-        out[order] = y.to(dtype)
+        sums.index_add_(0, src, y.float() * weights[row, which][order, None])
     t = timer.add("experts", t)
-    all_to_all_rows(out, recv_l, send_l, group)
+    all_to_all_rows(sums, recv_l, send_l, group)
     timer.add("combine", t)
-    return counts.tolist()
+    return offsets.diff().tolist()

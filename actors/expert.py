@@ -130,8 +130,7 @@ class ExpertGroup:
         for _ in range(steps):
             for i, layer in rounds:
                 per_slot = serve_expert_layer(self.info, self.group, self.banks[layer], self.args.hidden_size,
-                                              self.dtype, self.timer,
-                                              capacity_tokens * self.args.num_experts_per_tok)
+                                              self.dtype, self.args.num_experts_per_tok, self.timer, capacity_tokens)
                 self.rows_per_slot[layer] = [a + b for a, b in zip(self.rows_per_slot[layer], per_slot,
                                                                    strict=True)]
                 rows[i] += sum(per_slot)

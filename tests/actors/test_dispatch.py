@@ -4,6 +4,7 @@ locally, every tensor handed to a collective is on the data plane's device with 
 and nothing on the data path is created off the device or copied to the host (``.cpu()``), the rule
 that NCCL needs on CUDA, checked here on CPU."""
 
+import collections
 import threading
 from types import SimpleNamespace
 
@@ -58,6 +59,7 @@ class FakeDist:
         self.posted = {pair: 0 for pair in self.queues}  # receives posted per (source, destination)
         self.failed = False
         self.send_widths = set()  # bytes per row of everything sent
+        self.rows_sent = collections.Counter()  # (sender, bytes per row) -> rows
 
     @staticmethod
     def get_rank(group):
@@ -84,6 +86,7 @@ class FakeDist:
             with self.cv:
                 if op.op == self.isend:
                     self.send_widths.add(t.shape[-1] * t.element_size())
+                    self.rows_sent[me, t.shape[-1] * t.element_size()] += t.shape[0]
                     pair = (me, op.peer)
                     self.queues[pair].append(t.clone())
                     self.cv.notify_all()
@@ -167,7 +170,7 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
         info = GroupInfo(0, world, 1)
         d = Dispatcher(info, (fake, 0), RoutingTable(plc, 1, device), n, Timer(),
                        RowFormat(args.hidden_size, dtype, fp8))
-        d.capacity = capacity_tokens * args.num_experts_per_tok
+        d.capacity = capacity_tokens
         receives = [d(layer, x[p], Routing(weights[p], indices[p])) for p in parts]  # all sent, then received
         out["y"] = torch.cat([receive() for receive in receives])
         out["load"] = d.load[layer]
@@ -176,7 +179,7 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
         served[a] = [0] * banks[a].num_slots
         for _ in parts:
             got = serve_expert_layer(GroupInfo(1 + a, world, 1), (fake, 1 + a), banks[a], args.hidden_size,
-                                     dtype, Timer(), capacity_tokens * args.num_experts_per_tok)
+                                     dtype, args.num_experts_per_tok, Timer(), capacity_tokens)
             served[a] = [u + v for u, v in zip(served[a], got, strict=True)]
 
     def run(f, *a):
@@ -206,8 +209,17 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
     torch.testing.assert_close(out["y"].float(), expected.to(dtype).float(), atol=tol, rtol=tol)
     assert full.fp8 == fp8
     hidden_bytes = args.hidden_size + 4 * -(-args.hidden_size // 128) if fp8 else args.hidden_size * dtype.itemsize
-    # rows go out with their slot id; results come back as hidden x dtype (and counts as 8 bytes)
-    assert fake.send_widths - {8} == {hidden_bytes + dispatch.SLOT_BYTES, args.hidden_size * dtype.itemsize}
+    # a token goes once to each expert actor holding one of its choices, with its k slots and weights;
+    # its weighted sum over them comes back in float32 (and counts as 8 bytes)
+    assert fake.send_widths - {8} == {hidden_bytes + 8 * args.num_experts_per_tok, args.hidden_size * 4}
+    # one row per (token, expert actor holding any of its choices), not one per choice
+    table, k = RoutingTable(plc, 1, "cpu"), args.num_experts_per_tok
+    pairs = sum(len(set(zip(table.choose(layer, indices[p].cpu())[0].tolist(),
+                            [t for t in range(p.stop - p.start) for _ in range(k)], strict=True)))
+                for p in parts)  # the copies of a replicated expert take turns within each call
+    assert pairs < tokens * args.num_experts_per_tok
+    sent = fake.rows_sent[0, hidden_bytes + 8 * args.num_experts_per_tok]
+    assert sent == (pairs if not capacity_tokens else 2 * capacity_tokens * micro_batches)
     assert out["load"].tolist() == torch.bincount(indices.flatten(), minlength=n).tolist()
     # the rows of the replicated expert were split over both copies
     for e in (0,):
@@ -227,12 +239,13 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
 
 
 def test_pack_rows_round_trip():
-    x = torch.randn(5, 7).to(torch.bfloat16)
-    slot = torch.tensor([3, 0, 9, 2**40, 1])
-    rows, slots = unpack_rows(pack_rows(x, slot), 7, torch.bfloat16)
-    assert torch.equal(rows, x) and torch.equal(slots, slot)
-    rows, slots = unpack_rows(pack_rows(x[:0], slot[:0]), 7, torch.bfloat16)  # a rank that sends nothing
-    assert rows.shape == (0, 7) and slots.shape == (0,)
+    x = torch.randint(0, 256, (5, 7), dtype=torch.uint8)
+    slots = torch.tensor([[3, -1], [0, 1], [-1, 9], [2**30, 1], [1, -1]], dtype=torch.int32)
+    weights = torch.rand(5, 2)
+    rows, got_slots, got_weights = unpack_rows(pack_rows(x, slots, weights), 7, 2)
+    assert torch.equal(rows, x) and torch.equal(got_slots, slots) and torch.equal(got_weights, weights)
+    rows, got_slots, got_weights = unpack_rows(pack_rows(x[:0], slots[:0], weights[:0]), 7, 2)  # nothing to send
+    assert rows.shape == (0, 7) and got_slots.shape == (0, 2) and got_weights.shape == (0, 2)
 
 
 @pytest.mark.parametrize("rows", [0, 5])
