@@ -5,16 +5,18 @@ sends and receives between the pairs that move rows).
 A token travels once to each expert actor that holds any of its chosen experts, not once per chosen
 expert: its row, then for each of its ``top_k`` choices the slot on that actor (-1: the choice went
 elsewhere) and the routing weight. The expert actor computes each choice it holds and sends back the
-token's weighted sum over them (float32); the shard adds the actors' sums. With top-4 of 16 experts
-on 2 actors a token reaches 1.9 actors on average: half the rows of one per choice each way.
+token's weighted sum over them (summed in float32, sent in the serving dtype); the shard adds the
+actors' sums in float32. A token reaches at most ``top_k`` actors, so this is never more rows than
+one per choice: with top-4 of 16 experts on 2 actors a token reaches 1.9 actors on average, half the
+rows each way; DeepSeek-V3's top-8 of 256 on 8 actors reaches about 5.3.
 
 Both sides run the same collectives per MoE layer, in order: counts, rows, results. When the step's
 rows fit fixed-capacity buffers (the engine gives every actor the same bound on any shard's tokens
 per model step, so all sides decide alike, and a token is at most one row per actor), the counts
 exchange is skipped: each shard sends every expert actor exactly ``capacity`` rows, the unused ones
 with every slot -1, and the expert actor counts the rows it got. Every tensor of the data plane stays
-on the actor's device (NCCL takes device tensors only); the one host sync per layer is reading the
-counts.
+on the actor's device (NCCL takes device tensors only); the host reads the rows per destination once
+per layer (and on CUDA, ``unique`` and ``bincount`` wait for the compute stream as well).
 """
 
 from __future__ import annotations
@@ -160,7 +162,7 @@ class Dispatcher:
         # micro-batch); nothing here waits for the sends
         exchange = Exchange(self.group)
         exchange.rows(packed, out_l, recv_l)
-        back = exchange.rows(x.new_empty(0, x.shape[1], dtype=torch.float32), recv_l, send_l)  # [rows, hidden]
+        back = exchange.rows(x.new_empty(0, x.shape[1]), recv_l, send_l)  # [rows, hidden]
         done = exchange.start()
         self.timer.add("dispatch", t)
 
@@ -169,7 +171,7 @@ class Dispatcher:
             done()
             sums = back()  # each row's weighted sum over the choices its expert actor holds
             t = self.timer.add("combine_wait", t)
-            y = torch.zeros(x.shape, dtype=torch.float32, device=device).index_add_(0, token, sums)
+            y = torch.zeros(x.shape, dtype=torch.float32, device=device).index_add_(0, token, sums.float())
             self.timer.add("combine", t)
             return y.to(x.dtype)
         return receive
@@ -208,6 +210,6 @@ def serve_expert_layer(info: GroupInfo, group, bank: ExpertBank, hidden: int, dt
         y = bank.forward_quantized(*sorted_rows, offsets) if fmt.fp8 else bank.forward_sorted(*sorted_rows, offsets)
         sums.index_add_(0, src, y.float() * weights[row, which][order, None])
     t = timer.add("experts", t)
-    all_to_all_rows(sums, recv_l, send_l, group)
+    all_to_all_rows(sums.to(dtype), recv_l, send_l, group)
     timer.add("combine", t)
     return offsets.diff().tolist()

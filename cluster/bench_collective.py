@@ -2,10 +2,10 @@
 raymoe moves rows (``actors.collective``: batched point-to-point sends and receives between the
 pairs that move rows) against two ``all_to_all_single`` calls, among 1 + E local processes: an
 attention shard sends ``rows`` rows to each of E expert actors, which send them straight back.
-Rows are the default model's (hidden 160, float32, plus the 8-byte slot id). Before each round the
-shard computes for 1 ms (a spin, standing in for its attention) while the expert actors wait in
-their receive, as in a step; the time is the shard's, from its first send to its last result,
-median of ``repeats`` rounds.
+Rows are the default model's (hidden 160, float32, plus its 4 choices' slots and weights, 32
+bytes). Before each round the shard computes for 1 ms (a spin, standing in for its attention)
+while the expert actors wait in their receive, as in a step; the time is the shard's, from its
+first send to its last result, median of ``repeats`` rounds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-ROW_BYTES = 160 * 4 + 8
+ROW_BYTES = 160 * 4 + 8 * 4
 MODES = ("all_to_all_single", "batched send/recv")
 
 

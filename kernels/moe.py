@@ -54,7 +54,7 @@ def swiglu_sorted(x: torch.Tensor, offsets: torch.Tensor, gate_w: torch.Tensor, 
     bounds = offsets.tolist()
     if pad_experts(bounds, x.shape[1], gate_w.shape[1], x.device):
         counts = offsets.diff()
-        cap = int(counts.max())
+        cap = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
         # slot of each sorted row inside its expert's padded block
         expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts)
         pos = torch.arange(n, device=x.device) - offsets[expert]

@@ -210,8 +210,8 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
     assert full.fp8 == fp8
     hidden_bytes = args.hidden_size + 4 * -(-args.hidden_size // 128) if fp8 else args.hidden_size * dtype.itemsize
     # a token goes once to each expert actor holding one of its choices, with its k slots and weights;
-    # its weighted sum over them comes back in float32 (and counts as 8 bytes)
-    assert fake.send_widths - {8} == {hidden_bytes + 8 * args.num_experts_per_tok, args.hidden_size * 4}
+    # its weighted sum over them comes back in the serving dtype (and counts as 8 bytes)
+    assert fake.send_widths - {8} == {hidden_bytes + 8 * args.num_experts_per_tok, args.hidden_size * dtype.itemsize}
     # one row per (token, expert actor holding any of its choices), not one per choice
     table, k = RoutingTable(plc, 1, "cpu"), args.num_experts_per_tok
     pairs = sum(len(set(zip(table.choose(layer, indices[p].cpu())[0].tolist(),
