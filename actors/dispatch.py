@@ -94,6 +94,7 @@ def unpack_rows(packed: torch.Tensor, width: int, top_k: int) -> tuple[torch.Ten
 
 
 def row_bytes(fmt: RowFormat, top_k: int) -> int:
+    """Bytes of one row on the wire: the activation, then ``top_k`` slots and weights."""
     return fmt.width + 8 * top_k
 
 
