@@ -49,6 +49,20 @@ def test_cluster_matches_single_process(ray_local, tiny_dir, tiny_fp8_dir, refer
         assert stats["totals"]["steps"] < 8 * len(PROMPTS)
 
 
+def test_cluster_matches_single_process_on_v2_lite_routing(ray_local, tmp_path):
+    """DeepSeek-V2-Lite's shape of MoE: softmax scores, greedy top-6 of 32 experts without
+    renormalisation, two shared experts, no q-lora; over 3 expert actors (a token's six choices reach
+    most of them) with several model steps per call."""
+    from model.tiny import make_tiny
+
+    path = make_tiny(tmp_path / "v2", seed=5, model_type="deepseek_v2", scoring_func="softmax",
+                     topk_method="greedy", norm_topk_prob=False, n_group=1, topk_group=1, q_lora_rank=0,
+                     n_shared_experts=2, routed_scaling_factor=1.0, n_routed_experts=32, num_experts_per_tok=6)
+    reference = LocalLLM(path, dtype="float32", progress=False).generate(PROMPTS, GREEDY)
+    with RayMoE.start(path, attention_shards=1, expert_actors=3, dtype="float32", decode_steps=4) as llm:
+        _assert_same(llm.generate(PROMPTS, GREEDY), reference)
+
+
 @pytest.fixture(scope="module")
 def cluster(ray_local, tiny_dir):
     """2 attention shards x 2 expert actors, experts 0 and 12 with a second copy on the other actor."""
