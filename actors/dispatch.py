@@ -143,7 +143,7 @@ class Dispatcher:
         send = torch.bincount(dest, minlength=info.world_size)
         t = self.timer.add("gate", t)
         packed = pack_rows(self.row_format.encode(x)[token], slots, weights)  # encoded per token, then fanned out
-        if fixed_capacity(cap, info, packed.shape[1]):
+        if fixed_capacity(cap, info, row_bytes(self.row_format, top_k)):  # as the expert actors decide it
             send_l, recv_l = send.tolist(), [0] * info.world_size
             if max(send_l) > cap:
                 raise RuntimeError(f"layer {layer}: {max(send_l)} rows for one expert actor, capacity {cap}")

@@ -30,11 +30,16 @@ def sort_by_expert(indices: torch.Tensor, n_experts: int):
 LOOP_EXPERT_FLOPS = {"cpu": 3e6, "cuda": 1e10}
 
 
+def group_sizes(bounds: list[int]) -> list[int]:
+    """Rows per expert from the sorted rows' ``bounds`` (``offsets`` on the host)."""
+    return [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
 def pad_experts(bounds: list[int], hidden: int, inter: int, device: torch.device | str) -> bool:
     """Whether expert-sorted rows (expert ``e`` owns ``bounds[e]..bounds[e+1]-1``) are cheaper as one
     batched matmul per projection over every expert padded to the largest group than as a loop of
     matmuls per expert: when the padding's flops cost less than the loop's extra operations."""
-    sizes = [b - a for a, b in zip(bounds, bounds[1:], strict=False)]
+    sizes = group_sizes(bounds)
     padding = len(sizes) * max(sizes, default=0) - sum(sizes)
     busy = sum(1 for s in sizes if s)
     return padding * 6 * hidden * inter <= busy * LOOP_EXPERT_FLOPS.get(torch.device(device).type, 3e6)
@@ -54,7 +59,7 @@ def swiglu_sorted(x: torch.Tensor, offsets: torch.Tensor, gate_w: torch.Tensor, 
     bounds = offsets.tolist()
     if pad_experts(bounds, x.shape[1], gate_w.shape[1], x.device):
         counts = offsets.diff()
-        cap = max(b - a for a, b in zip(bounds, bounds[1:], strict=False))
+        cap = max(group_sizes(bounds))
         # slot of each sorted row inside its expert's padded block
         expert = torch.repeat_interleave(torch.arange(n_experts, device=x.device), counts)
         pos = torch.arange(n, device=x.device) - offsets[expert]

@@ -120,11 +120,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     the list of ``params.logprobs`` ``(token_id, logprob)`` pairs, best first, and ``logprob`` that of
     the token picked (``None`` when ``params.logprobs`` is 0), both from the unmodified log-softmax.
     ``token``: the pick, already made (a greedy batch's argmax)."""
+    logits = logits.float()
     if token is None:
-        token = _pick(logits.float(), params, generator)
+        token = _pick(logits, params, generator)
     if not params.logprobs:
         return token, [], None
-    lp = torch.log_softmax(logits.float(), dim=-1)
+    lp = torch.log_softmax(logits, dim=-1)
     vals, idx = lp.topk(min(params.logprobs, lp.numel()))
     return token, list(zip(idx.tolist(), vals.tolist(), strict=True)), float(lp[token])
 
