@@ -12,7 +12,7 @@ import time
 import ray
 import torch
 
-from actors.collective import GroupInfo, init_group, node_address
+from actors.collective import GroupInfo, init_group, node_address, transport
 from actors.dispatch import Dispatcher, RowFormat, Timer
 from actors.messages import StepOutput, StepPlan
 from actors.placement import Placement, RoutingTable
@@ -49,11 +49,11 @@ class AttentionShard:
     def address(self) -> tuple[str, int]:
         return node_address()
 
-    def init_group(self, info: GroupInfo, master_addr: str, master_port: int, placement: Placement) -> bool:
+    def init_group(self, info: GroupInfo, master_addr: str, master_port: int, placement: Placement) -> str:
         self.info = info
         self.group = init_group(info, master_addr, master_port)
         self.set_placement(placement)
-        return True
+        return transport(self.group)
 
     def set_placement(self, placement: Placement) -> int:
         table = RoutingTable(placement, self.info.num_attention, self.device)

@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from actors.pipes import PipeGroup, open_pipes
+
 
 @dataclass(frozen=True)
 class GroupInfo:
@@ -23,6 +25,7 @@ class GroupInfo:
     num_attention: int  # ranks 0..num_attention-1 are attention shards, the rest expert actors
     backend: str = "gloo"
     timeout_s: float = 120.0
+    pipes: bool = False  # gloo on one host: move the data plane over named pipes (``actors.pipes``)
 
     @property
     def expert_ranks(self) -> range:
@@ -39,7 +42,16 @@ def node_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
-def init_group(info: GroupInfo, master_addr: str, master_port: int) -> dist.ProcessGroup:
+_pipes: PipeGroup | None = None  # this process's pipes, closed when it joins a new group
+
+
+def init_group(info: GroupInfo, master_addr: str, master_port: int) -> dist.ProcessGroup | PipeGroup:
+    """Join the group; returns what the data plane's exchanges take: the pipes when every rank is on
+    this host and ``info.pipes`` allows them, else the gloo or NCCL group."""
+    global _pipes
+    if _pipes is not None:
+        _pipes.close()
+        _pipes = None
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group(info.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=info.rank,
@@ -49,7 +61,14 @@ def init_group(info: GroupInfo, master_addr: str, master_port: int) -> dist.Proc
         # NCCL wants before batched point-to-point calls
         torch.cuda.set_device(0)
         dist.barrier(device_ids=[0])
-    return dist.group.WORLD
+    elif info.pipes:
+        _pipes = open_pipes(info.rank, info.world_size, info.timeout_s)
+    return _pipes or dist.group.WORLD
+
+
+def transport(group) -> str:
+    """What the data plane's rows travel over: ``pipes``, ``gloo`` or ``nccl``."""
+    return "pipes" if isinstance(group, PipeGroup) else dist.get_backend(group)
 
 
 def exchange_counts(send_counts: torch.Tensor, group) -> torch.Tensor:
@@ -84,7 +103,8 @@ class Exchange:
     """
 
     def __init__(self, group):
-        self.group, self.me = group, dist.get_rank(group)
+        self.group = group
+        self.me = group.rank if isinstance(group, PipeGroup) else dist.get_rank(group)
         self.sends: list[tuple[int, torch.Tensor]] = []  # (peer, rows)
         self.recvs: list[tuple[int, torch.Tensor]] = []
 
@@ -109,6 +129,8 @@ class Exchange:
     def start(self) -> Callable[[], None]:
         """Post every send and receive added so far; returns the function that waits for all of them
         (the tensors stay referenced until then)."""
+        if isinstance(self.group, PipeGroup):
+            return self.group.post(self.sends, self.recvs)
         ops = [dist.P2POp(dist.isend, t, peer, self.group) for peer, t in self.sends]
         ops += [dist.P2POp(dist.irecv, t, peer, self.group) for peer, t in self.recvs]
         works = dist.batch_isend_irecv(ops) if ops else []

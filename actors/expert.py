@@ -16,7 +16,7 @@ import time
 import ray
 import torch
 
-from actors.collective import GroupInfo, init_group, node_address
+from actors.collective import GroupInfo, init_group, node_address, transport
 from actors.dispatch import Timer, serve_expert_layer
 from actors.expert_bank import ExpertBank
 from actors.messages import ExpertStepOutput
@@ -48,14 +48,14 @@ class ExpertGroup:
     def address(self) -> tuple[str, int]:
         return node_address()
 
-    def init_group(self, info: GroupInfo, master_addr: str, master_port: int, placement: Placement) -> bool:
+    def init_group(self, info: GroupInfo, master_addr: str, master_port: int, placement: Placement) -> str:
         """Join the (new) process group; ``placement`` must be the one these banks hold or a staged one."""
         if placement.version != self.version:
             self._switch(placement.version)
         self.actor_index = info.rank - info.num_attention
         self.info = info
         self.group = init_group(info, master_addr, master_port)
-        return True
+        return transport(self.group)
 
     def slot_contents(self) -> dict[int, list[int | None]]:
         return {layer: list(bank.logical) for layer, bank in self.banks.items()}

@@ -263,7 +263,8 @@ class RayMoE:
             log.warning("the router did not answer: %s", e)
         load = getattr(self, "_expert_load", {})
         return {
-            "layout": {"attention_shards": self.layout.attention_shards, "expert_actors": len(self.experts)},
+            "layout": {"attention_shards": self.layout.attention_shards, "expert_actors": len(self.experts),
+                       "transport": self._plane.transport},
             **figures,
             "expert_load": load,
             "placement_version": self.placement.version,
@@ -283,7 +284,8 @@ class RayMoE:
                 "max_sequence_tokens": min(self.args.max_position_embeddings,
                                            self.layout.num_blocks * self.layout.block_size),
                 "attention_shards": self.layout.attention_shards, "expert_actors": len(self.experts),
-                "has_tokenizer": self.tokenizer is not None, "started_at": self.started_at}
+                "transport": self._plane.transport, "has_tokenizer": self.tokenizer is not None,
+                "started_at": self.started_at}
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's text on its own (a token that holds part of a character shows U+FFFD)."""

@@ -29,6 +29,9 @@ def main(args) -> int:
     layouts = [tuple(int(v) for v in lay.split("x")) for lay in (args.layouts or "1x2,2x2").split(",")]
     decode_steps = [int(n) for n in (getattr(args, "decode_steps", None) or "1").split(",")]
     micro_batches = [int(n) for n in (getattr(args, "micro_batches", None) or "1").split(",")]
+    transports = (getattr(args, "transports", None) or "pipes").split(",")
+    if set(transports) - {"pipes", "gloo"}:
+        raise SystemExit(f"--transports: {args.transports!r}; use pipes, gloo or both (pipes,gloo)")
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     local = LocalLLM(path, dtype=args.dtype, progress=False)
@@ -46,10 +49,10 @@ def main(args) -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     try:
-        for (shards, experts), steps, micro in [(lay, n, m) for lay in layouts for n in decode_steps
-                                                for m in micro_batches]:
+        for (shards, experts), steps, micro, via in [(lay, n, m, t) for lay in layouts for n in decode_steps
+                                                     for m in micro_batches for t in transports]:
             with RayMoE.start(path, attention_shards=shards, expert_actors=experts, dtype=args.dtype,
-                              decode_steps=steps, micro_batches=micro) as llm:
+                              decode_steps=steps, micro_batches=micro, local_pipes=via == "pipes") as llm:
                 for b in batch_sizes:
                     before = dict(llm.engine.totals)
                     tok_s = rate(lambda p: llm.generate(p, params), b)
@@ -59,16 +62,17 @@ def main(args) -> int:
                     breakdown = {k: (after[k] - before.get(k, 0)) / model_steps * 1e3 for k in after
                                  if k.endswith("seconds") or "." in k}
                     name = (f"{shards}x{experts}" + (f" N={steps}" if len(decode_steps) > 1 or steps > 1 else "")
-                            + (f" mb={micro}" if len(micro_batches) > 1 or micro > 1 else ""))
+                            + (f" mb={micro}" if len(micro_batches) > 1 or micro > 1 else "")
+                            + (f" {llm.describe()['transport']}" if len(transports) > 1 else ""))
                     rows.append({"layout": name, "decode_steps": steps, "micro_batches": micro, "batch": b,
-                                 "tok_s": tok_s,
+                                 "transport": llm.describe()["transport"], "tok_s": tok_s,
                                  "calls": calls, "model_steps": model_steps, "ms_per_step": breakdown})
     finally:
         ray.shutdown()
     base = {r["batch"]: r["tok_s"] for r in rows if r["layout"] == "single process"}
     print(f"tokens/s ({args.dtype}, prompt {args.prompt_len}, {args.new_tokens} new tokens, two runs each; "
           "the second is timed)")
-    print(f"{'layout':>14} {'batch':>5} | {'tok/s':>8} | {'vs single':>9} | ms per model step: "
+    print(f"{'layout':>20} {'batch':>5} | {'tok/s':>8} | {'vs single':>9} | ms per model step: "
           "attention+dense gate dispatch experts combine scheduler")
     for r in rows:
         r["ratio_vs_single"] = r["tok_s"] / base[r["batch"]]
@@ -76,7 +80,7 @@ def main(args) -> int:
         parts = " ".join(f"{bd.get(k, 0):.1f}" for k in (
             "attention.attention_and_dense", "attention.gate", "attention.dispatch", "expert.experts",
             "attention.combine", "scheduler_seconds")) if bd else ""
-        print(f"{r['layout']:>14} {r['batch']:>5} | {r['tok_s']:8.1f} | {r['ratio_vs_single']:9.2f} | {parts}")
+        print(f"{r['layout']:>20} {r['batch']:>5} | {r['tok_s']:8.1f} | {r['ratio_vs_single']:9.2f} | {parts}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "cluster", "checkpoint": str(path), "dtype": args.dtype,

@@ -1,6 +1,7 @@
-"""``raymoe bench collective``: one MoE layer's round trip on the data plane over gloo, the way
-raymoe moves rows (``actors.collective``: batched point-to-point sends and receives between the
-pairs that move rows) against two ``all_to_all_single`` calls, among 1 + E local processes: an
+"""``raymoe bench collective``: one MoE layer's round trip on the data plane, the ways raymoe moves
+rows on one host (``actors.collective``: batched point-to-point sends and receives between the
+pairs that move rows, over gloo or over named pipes, ``actors.pipes``) against two gloo
+``all_to_all_single`` calls, among 1 + E local processes: an
 attention shard sends ``rows`` rows to each of E expert actors, which send them straight back.
 Rows are the default model's (hidden 160, float32, plus its 4 choices' slots and weights, 32
 bytes). Before each round the shard computes for 1 ms (a spin, standing in for its attention)
@@ -21,23 +22,24 @@ from pathlib import Path
 import torch
 
 ROW_BYTES = 160 * 4 + 8 * 4
-MODES = ("all_to_all_single", "batched send/recv")
+MODES = ("all_to_all_single", "batched send/recv", "pipes")
 
 
-def _round_trip(mode: str, rank: int, world: int, rows: int) -> None:
+def _round_trip(mode: str, rank: int, world: int, rows: int, pipes) -> None:
     import torch.distributed as dist
 
     from actors.collective import all_to_all_rows
 
     out = [0] + [rows] * (world - 1) if rank == 0 else [rows] + [0] * (world - 1)  # shard: to experts
     nothing = [0] * world
-    if mode == "batched send/recv":
+    if mode != "all_to_all_single":
+        group = pipes if mode == "pipes" else None
         if rank == 0:
-            all_to_all_rows(torch.zeros(sum(out), ROW_BYTES, dtype=torch.uint8), out, nothing, None)
-            all_to_all_rows(torch.empty(0, ROW_BYTES, dtype=torch.uint8), nothing, out, None)
+            all_to_all_rows(torch.zeros(sum(out), ROW_BYTES, dtype=torch.uint8), out, nothing, group)
+            all_to_all_rows(torch.empty(0, ROW_BYTES, dtype=torch.uint8), nothing, out, group)
         else:
-            got = all_to_all_rows(torch.empty(0, ROW_BYTES, dtype=torch.uint8), nothing, out, None)
-            all_to_all_rows(got, out, nothing, None)
+            got = all_to_all_rows(torch.empty(0, ROW_BYTES, dtype=torch.uint8), nothing, out, group)
+            all_to_all_rows(got, out, nothing, group)
         return
     send_first = out if rank == 0 else nothing
     recv_first = nothing if rank == 0 else out
@@ -57,8 +59,11 @@ def _spin(seconds: float) -> None:
 def _worker(rank: int, world: int, port: int, row_counts: list[int], repeats: int, out_path: str) -> None:
     import torch.distributed as dist
 
+    from actors.pipes import open_pipes
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    pipes = open_pipes(rank, world, 120.0)
     rows_out = []
     for rows in row_counts:
         for mode in MODES:
@@ -68,10 +73,11 @@ def _worker(rank: int, world: int, port: int, row_counts: list[int], repeats: in
                 if rank == 0:
                     _spin(1e-3)
                 t0 = time.perf_counter()
-                _round_trip(mode, rank, world, rows)
+                _round_trip(mode, rank, world, rows, pipes)
                 if i >= 5:
                     times.append(time.perf_counter() - t0)
             rows_out.append({"rows": rows, "mode": mode, "ms": 1e3 * statistics.median(times)})
+    pipes.close()
     dist.destroy_process_group()
     if rank == 0:
         Path(out_path).write_text(json.dumps(rows_out))
@@ -92,12 +98,12 @@ def main(args) -> int:
         part = os.path.join(tmp, "rows.json")
         mp.spawn(_worker, args=(1 + experts, port, row_counts, repeats, part), nprocs=1 + experts)
         rows = json.loads(Path(part).read_text())
-    print(f"one MoE layer's round trip over gloo, 1 shard + {experts} expert actors, {ROW_BYTES} bytes per row, "
-          f"median of {repeats}")
-    print(f"{'rows per expert actor':>21} | {'all_to_all_single ms':>20} | {'batched send/recv ms':>20} | ratio")
+    print(f"one MoE layer's round trip on one host, 1 shard + {experts} expert actors, {ROW_BYTES} bytes per row, "
+          f"median of {repeats}; ms (and all_to_all_single / it)")
+    print(f"{'rows per expert actor':>21} | " + " | ".join(f"{m:>22}" for m in MODES))
     for n in row_counts:
-        a, b = (next(r["ms"] for r in rows if r["rows"] == n and r["mode"] == m) for m in MODES)
-        print(f"{n:>21} | {a:20.3f} | {b:20.3f} | {a / b:5.2f}")
+        ms = [next(r["ms"] for r in rows if r["rows"] == n and r["mode"] == m) for m in MODES]
+        print(f"{n:>21} | " + " | ".join(f"{t:8.3f} ({ms[0] / t:5.2f}x)".rjust(22) for t in ms))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"benchmark": "collective", "expert_actors": experts, "row_bytes": ROW_BYTES,

@@ -26,6 +26,7 @@ class DataPlane:
         self.pg = self._placement_group([self._bundle("attention")] * layout.attention_shards
                                         + [self._bundle("expert")] * layout.expert_actors)
         self.extra: dict[int, object] = {}  # expert index -> its own placement group (scaled out)
+        self.transport = ""  # what the rows travel over since the last join: pipes, gloo or nccl
 
     def _bundle(self, role: str) -> dict:
         gpus = 1 if self.layout.device == "cuda" else 0
@@ -80,10 +81,12 @@ class DataPlane:
         actors = attention + experts
         timeout = timeout or self.layout.startup_timeout_s
         master_addr, master_port = ray.get(actors[0].address.remote(), timeout=timeout)
-        infos = [GroupInfo(rank, len(actors), len(attention), self.layout.backend, self.layout.collective_timeout_s)
+        lay = self.layout
+        infos = [GroupInfo(rank, len(actors), len(attention), lay.backend, lay.collective_timeout_s, lay.local_pipes)
                  for rank in range(len(actors))]
-        ray.get([a.init_group.remote(info, master_addr, master_port, placement)
-                 for a, info in zip(actors, infos, strict=True)], timeout=timeout)
+        self.transport = ",".join(sorted(set(ray.get([a.init_group.remote(info, master_addr, master_port, placement)
+                                                      for a, info in zip(actors, infos, strict=True)],
+                                                     timeout=timeout))))
 
     def spawn(self, placement: Placement) -> tuple[list, list]:
         """Every data-plane actor for ``placement``, joined (at start and after a fault)."""

@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", default=None, help="spec: draft tokens per step to measure (default 1,2,3)")
     p.add_argument("--decode-steps", default=None, help="cluster: model steps per actor call to measure (1,4)")
     p.add_argument("--micro-batches", default=None, help="cluster: micro-batches per shard to measure (1,2)")
+    p.add_argument("--transports", default=None,
+                   help="cluster: what rows travel over on one host, to measure (pipes,gloo; default pipes)")
     p.add_argument("--contexts", default=None, help="sparse: context lengths (default 512,...,16384)")
     p.add_argument("--rows", default=None, help="collective: rows per expert actor (default 4,32,128)")
     p.add_argument("--model", help="checkpoint folder (default: the default model, model/weights/shakespeare)")

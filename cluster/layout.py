@@ -28,6 +28,9 @@ class ClusterLayout:
     max_batch_tokens: int = 512
     max_running: int = 64
     collective_timeout_s: float = 120.0
+    # gloo with every actor on one host: rows travel over named pipes (one write per message) rather than
+    # loopback TCP (``actors.pipes``); False: always gloo
+    local_pipes: bool = True
     startup_timeout_s: float = 1800.0  # actors loading their weights and joining the process group
     placement_strategy: str = "SPREAD"
     resources: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""``raymoe bench collective`` on three local processes: both ways of moving rows complete a round
+"""``raymoe bench collective`` on three local processes: every way of moving rows completes a round
 trip and the JSON holds a positive time for each row count and mode."""
 
 import json
