@@ -505,7 +505,7 @@ class Engine:
         req.events.put(StreamEvent("", [], True, result))
 
     def _fail_all(self, error: str) -> None:
-        for req in self.requests.values():
+        for req in list(self.requests.values()):  # _finish forgets the oldest finished requests
             if not req.seq.finished and req.finished_at is None:
                 req.seq.finish_reason = "error"
                 self._finish(req, error)

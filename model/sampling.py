@@ -10,6 +10,7 @@ import torch
 
 MAX_NEW_TOKENS = 2**31 - 1  # the model's context bounds it further (``Sequence``)
 MAX_LOGPROBS = 20  # as OpenAI's top_logprobs
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy (vLLM's _SAMPLING_EPS)
 MAX_SPECULATIVE_TOKENS = 8
 
 
@@ -23,7 +24,8 @@ def _is_number(value) -> bool:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request. ``temperature == 0`` is greedy."""
+    """How to pick tokens for one request. ``temperature`` 0 (or under ``GREEDY_BELOW``, as vLLM
+    does) is greedy."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -66,6 +68,8 @@ class SamplingParams:
                 raise ValueError(f"{key} must be true or false, got {getattr(self, key)!r}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if self.temperature < GREEDY_BELOW:  # logits / 1e-38 overflow to inf, and the draw fails
+            object.__setattr__(self, "temperature", 0.0)
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -133,7 +137,12 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
 def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     if params.greedy:
         return int(logits.argmax())
-    return int(torch.multinomial(probabilities(logits, params), 1, generator=generator))
+    probs = probabilities(logits, params)
+    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+        # logits that are not finite (a model overflowing in float16): this sequence's token is the
+        # best finite one rather than a failed step for the whole batch
+        return int(torch.nan_to_num(logits.float(), nan=float("-inf")).argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -52,7 +52,10 @@ class FakeEngine(Engine):
 
 def _result(engine, rid, timeout=30):
     """The request's last event (waits at most ``timeout`` s: a hang fails the test instead of stalling it)."""
-    req = engine.requests[rid]
+    return _final(engine.requests[rid], timeout)
+
+
+def _final(req, timeout):
     while True:
         ev = req.events.get(timeout=timeout)
         if ev.finished:
@@ -164,6 +167,25 @@ def test_stop_ends_open_streams_while_a_step_is_still_running(engines):
     gate.set()
     e.join(timeout=10)
     assert not e._thread.is_alive()
+
+
+def test_stop_ends_every_open_stream_when_finishing_forgets_old_requests(engines):
+    """Failing the open requests forgets the oldest finished ones (``keep_finished``) while it goes
+    through the requests: it must not stop at the first (a dict changed during iteration), leaving
+    the other streams open for ever."""
+    gate = threading.Event()
+    gate.set()
+    engines.append(e := FakeEngine(gate=gate))
+    e.keep_finished = 1
+    for prompt in ([1], [2]):
+        _result(e, e.submit(prompt, GREEDY))
+    gate.clear()
+    reqs = [e.requests[e.submit([3 + i, 4], GREEDY)] for i in range(3)]  # forgotten once finished
+    while not any(p.chunks for plans in e.plans_seen for p in plans if plans):
+        threading.Event().wait(0.01)
+    e.stop(timeout=0)
+    assert [_final(req, timeout=5).finish_reason for req in reqs] == ["error"] * 3
+    gate.set()
 
 
 def test_releases_are_not_dropped_when_a_step_has_no_chunks(engines):

@@ -144,3 +144,24 @@ def test_invalid_sampling_rejected(bad):
 def test_out_of_vocab_ids_rejected(tiny_llm):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         tiny_llm.generate([[1, 2, 10**6]], GREEDY)
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-6])
+def test_a_vanishing_temperature_is_greedy(tiny_llm, temperature):
+    """logits / 1e-38 overflow to inf, and the draw failed the whole step (every request of the
+    batch): under ``GREEDY_BELOW`` a temperature is greedy, as vLLM treats it."""
+    params = SamplingParams(temperature=temperature, max_new_tokens=8, ignore_eos=True)
+    assert params.greedy and params.temperature == 0
+    prompt = [[5, 6, 7, 8]]
+    assert tiny_llm.generate(prompt, params)[0].output_ids == tiny_llm.generate(
+        prompt, SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True))[0].output_ids
+
+
+def test_logits_that_are_not_finite_pick_the_best_finite_token():
+    from model.sampling import sample
+
+    logits = torch.tensor([0.0, float("nan"), 3.0, float("-inf"), 1.0])
+    params = SamplingParams(temperature=0.7, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    assert sample(logits, params, gen)[0] == 2
+    assert sample(torch.full((4,), float("nan")), params, gen)[0] in range(4)
