@@ -20,6 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 _ESCAPE_OPEN, _ESCAPE_CLOSE = "\ue000", "\ue001"
 _ESCAPE = re.compile(f"{_ESCAPE_OPEN}(\\d+){_ESCAPE_CLOSE}")
+REASONING_MARKERS = ("<think>", "</think>")  # kept in assistant turns (``Tokenizer._escape_message``)
 
 
 def _token_text(value) -> str | None:
@@ -110,7 +111,8 @@ class Tokenizer:
 
     def _escape_message(self, message, literals: list[str]):
         """The message with every added-token string in its content (a string, or the ``text`` of
-        content parts) replaced by an escape that points into ``literals``."""
+        content parts) replaced by an escape that points into ``literals``; in an assistant message,
+        ``REASONING_MARKERS`` excepted."""
         if not isinstance(message, dict):
             return message  # apply_chat_template names the problem
 
@@ -118,8 +120,12 @@ class Tokenizer:
             literals.append(match.group())
             return f"{_ESCAPE_OPEN}{len(literals) - 1}{_ESCAPE_CLOSE}"
 
+        # an assistant turn's reasoning markers stay themselves: DeepSeek's templates look for
+        # "</think>" in earlier answers to drop the reasoning before it (as transformers renders them)
+        kept = REASONING_MARKERS if message.get("role") == "assistant" else ()
+
         def escape(text):
-            found = [t for t in self._added if t in text] if isinstance(text, str) else []
+            found = [t for t in self._added if t in text and t not in kept] if isinstance(text, str) else []
             return re.sub("|".join(map(re.escape, found)), keep, text) if found else text
 
         content = message.get("content")

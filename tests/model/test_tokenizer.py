@@ -109,6 +109,10 @@ def test_real_tokenizer_matches_transformers():
             {"role": "assistant", "content": "Hello 123"}, {"role": "user", "content": "日本語?"}]
     assert tok.apply_chat_template(msgs) == hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert tok.encode_chat(msgs) == hf.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
+    # an earlier answer's reasoning is dropped by the template, as transformers renders it
+    msgs[2]["content"] = "<think>private reasoning</think>Hello 123"
+    assert "private" not in tok.decode(tok.encode_chat(msgs))
+    assert tok.encode_chat(msgs) == hf.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
 
 
 def _control_ids(tok: Tokenizer, ids: list[int]) -> list[int]:
