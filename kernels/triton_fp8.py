@@ -29,7 +29,7 @@ def _snap_e4m3(y):
     exp = ((bits >> 23) & 0xFF) - 127
     exp = tl.maximum(exp, -6) - 3  # e4m3: 3 mantissa bits; subnormal spacing 2^-9 below 2^-6
     quantum = ((exp + 127) << 23).to(tl.float32, bitcast=True)
-    r = tl.abs(y) / quantum
+    r = tl.math.div_rn(tl.abs(y), quantum)
     r = (r + 12582912.0) - 12582912.0  # 1.5 * 2^23: float32 addition rounds to an integer, ties to even
     snapped = (r * quantum).to(tl.int32, bitcast=True) | (bits & -2147483648)  # keep the sign, -0 too
     return snapped.to(tl.float32, bitcast=True)
@@ -42,12 +42,13 @@ def _act_quant_kernel(x_ptr, y_ptr, s_ptr, K, n_blocks, BLOCK: tl.constexpr, UE8
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K
     x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4) / 448.0
+    # div_rn: a plain '/' compiles to approximate division on GPUs (the interpreter divides exactly)
+    s = tl.math.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-4), 448.0)
     if UE8M0:  # round the scale up to a power of two
         bits = s.to(tl.int32, bitcast=True)
         exp = (bits >> 23) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
         s = (exp << 23).to(tl.float32, bitcast=True)
-    y = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+    y = tl.minimum(tl.maximum(tl.math.div_rn(x, s), -448.0), 448.0)
     tl.store(y_ptr + row * K + offs, _snap_e4m3(y).to(y_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + row * n_blocks + blk, s)
 

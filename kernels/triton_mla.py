@@ -12,6 +12,13 @@ import triton
 import triton.language as tl
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input precision: float32 operands multiply in full float32 ("ieee"), as the
+    torch twins do; Triton's default on GPUs, TF32, keeps 10 mantissa bits (about 3e-4 off on MLA's
+    scores). Other dtypes are unaffected by it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @triton.jit
 def _load_queries(q_ptr, qpe_ptr, row, heads, h_mask, rr, rp, r_mask, p_mask, H, R, P):
     """A query row's latent and rope parts for the heads [BH]: [BH, R] and [BH, P]."""
@@ -23,32 +30,36 @@ def _load_queries(q_ptr, qpe_ptr, row, heads, h_mask, rr, rp, r_mask, p_mask, H,
 
 
 @triton.jit
-def _attend_block(q, qpe, kv_ptr, pe_ptr, slot, n_mask, rr, rp, r_mask, p_mask, R, P, scale, m_i, l_i, acc):
+def _attend_block(q, qpe, kv_ptr, pe_ptr, slot, n_mask, rr, rp, r_mask, p_mask, R, P, scale, m_i, l_i, acc,
+                  DOT: tl.constexpr):
     """Load the cache ``slot``s [BN] (latents [BN, R], rope keys [BN, P]) and fold them into the
     running softmax of the heads (``_online_softmax_step``)."""
     kv = tl.load(kv_ptr + slot[:, None] * R + rr[None, :], mask=n_mask[:, None] & r_mask[None, :], other=0.0)
     pe = tl.load(pe_ptr + slot[:, None] * P + rp[None, :], mask=n_mask[:, None] & p_mask[None, :], other=0.0)
-    return _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc)
+    return _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc, DOT)
 
 
 @triton.jit
-def _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc):
+def _online_softmax_step(q, qpe, kv, pe, n_mask, scale, m_i, l_i, acc, DOT: tl.constexpr):
     """One block of keys [BN] into the running max ``m_i``, sum ``l_i`` and output ``acc`` of the
-    heads [BH]; a block whose keys are all masked (``n_mask`` false) changes nothing, even first."""
-    s = tl.dot(q, tl.trans(kv)).to(tl.float32) + tl.dot(qpe, tl.trans(pe)).to(tl.float32)
+    heads [BH]; a block whose keys are all masked (``n_mask`` false) changes nothing, even first.
+    ``DOT``: the matmuls' input precision (``dot_precision``)."""
+    s = (tl.dot(q, tl.trans(kv), input_precision=DOT).to(tl.float32)
+         + tl.dot(qpe, tl.trans(pe), input_precision=DOT).to(tl.float32))
     s = tl.where(n_mask[None, :], s * scale, float("-inf"))  # [BH, BN]
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid key yet: exp(-inf) = 0, not NaN
     alpha = tl.exp(m_i - m_safe)
     p = tl.exp(s - m_safe[:, None])
-    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv).to(tl.float32)
+    pv = tl.dot(p.to(kv.dtype), kv, input_precision=DOT).to(tl.float32)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + pv
 
 
 @triton.jit
 def _mla_decode_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, bt_ptr, lens_ptr, out_ptr,
                        H, R, P, bt_stride, block_size, scale,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_P: tl.constexpr):
+                       BLOCK_P: tl.constexpr, DOT: tl.constexpr):
     b = tl.program_id(0)
     hg = tl.program_id(1)
     heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -67,7 +78,7 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, bt_ptr, lens_ptr, out_ptr
         blk = tl.load(bt_ptr + b * bt_stride + pos // block_size, mask=n_mask, other=0)
         slot = blk.to(tl.int64) * block_size + pos % block_size
         m_i, l_i, acc = _attend_block(q, qpe, kv_ptr, pe_ptr, slot, n_mask, rr, rp, r_mask, p_mask, R, P, scale,
-                                      m_i, l_i, acc)
+                                      m_i, l_i, acc, DOT)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (b * H + heads[:, None]) * R + rr[None, :], out.to(out_ptr.dtype.element_ty),
              mask=h_mask[:, None] & r_mask[None, :])
@@ -90,14 +101,15 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
     grid = (b, triton.cdiv(h, block_h))
     _mla_decode_kernel[grid](q_lat, q_pe, kv_cache.to(q_lat.dtype), pe_cache.to(q_lat.dtype), block_table,
                              seq_lens, out, h, r, p, block_table.stride(0), block_size, softmax_scale,
-                             BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=block_p)
+                             BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=block_p,
+                             DOT=dot_precision(q_lat.dtype))
     return out
 
 
 @triton.jit
 def _mla_sparse_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, slots_ptr, out_ptr, H, R, P, K, scale,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_P: tl.constexpr):
+                       BLOCK_P: tl.constexpr, DOT: tl.constexpr):
     n = tl.program_id(0)
     hg = tl.program_id(1)
     heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -115,7 +127,7 @@ def _mla_sparse_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, slots_ptr, out_ptr, H, R,
         n_mask = slot >= 0
         slot = tl.where(n_mask, slot, 0)
         m_i, l_i, acc = _attend_block(q, qpe, kv_ptr, pe_ptr, slot, n_mask, rr, rp, r_mask, p_mask, R, P, scale,
-                                      m_i, l_i, acc)
+                                      m_i, l_i, acc, DOT)
     out = acc / l_i[:, None]
     tl.store(out_ptr + (n * H + heads[:, None]) * R + rr[None, :], out.to(out_ptr.dtype.element_ty),
              mask=h_mask[:, None] & r_mask[None, :])
@@ -140,5 +152,6 @@ def mla_sparse(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_pool: torch.Tensor, p
     grid = (n, triton.cdiv(h, block_h))
     _mla_sparse_kernel[grid](q_lat, q_pe, kv_pool.contiguous().to(q_lat.dtype), pe_pool.contiguous().to(q_lat.dtype),
                              slots.contiguous(), out, h, r, p, k, softmax_scale,
-                             BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=block_p)
+                             BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_P=block_p,
+                             DOT=dot_precision(q_lat.dtype))
     return out

@@ -21,8 +21,9 @@ def full_logits(model, token_rows: list[list[int]], absorb: bool = True) -> list
     from model.cache import MLACache
 
     total = sum(len(r) for r in token_rows)
-    cache = MLACache(model.args, model.num_layers, total // 4 + len(token_rows), 4, model.dtype)
+    device = model.lm_head.weight.device
+    cache = MLACache(model.args, model.num_layers, total // 4 + len(token_rows), 4, model.dtype, device)
     meta = cache.build_meta([(i, 0, len(r)) for i, r in enumerate(token_rows)])
-    ids = torch.tensor([t for r in token_rows for t in r])
+    ids = torch.tensor([t for r in token_rows for t in r], device=device)
     logits = model.logits(model(ids, meta, cache, absorb=absorb))
     return [logits[meta.query_starts[i]:meta.query_starts[i + 1]] for i in range(len(token_rows))]

@@ -168,9 +168,10 @@ def test_moe_fp8_against_per_expert_loop():
 
     t, hidden, inter, e, top_k = 9, 160, 96, 6, 2
     x = _rand(t, hidden, seed=5)
-    indices = torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(i))[:top_k] for i in range(t)])
-    weights = torch.rand(t, top_k, generator=torch.Generator().manual_seed(9))
-    qs = {name: [quantize_weight(_rand(*shape, seed=100 * j + i).cpu()) for i in range(e)]
+    indices = torch.stack([torch.randperm(e, generator=torch.Generator().manual_seed(i))[:top_k]
+                           for i in range(t)]).to(DEVICE)
+    weights = torch.rand(t, top_k, generator=torch.Generator().manual_seed(9)).to(DEVICE)
+    qs = {name: [tuple(q.to(DEVICE) for q in quantize_weight(_rand(*shape, seed=100 * j + i).cpu())) for i in range(e)]
           for j, (name, shape) in enumerate([("gate", (inter, hidden)), ("up", (inter, hidden)),
                                              ("down", (hidden, inter))])}
     stacked = {n: (torch.stack([w for w, _ in v]), torch.stack([s for _, s in v])) for n, v in qs.items()}

@@ -1,4 +1,5 @@
-"""The model gives the same outputs through the Triton kernels (interpreted on CPU) and the torch twins."""
+"""The model gives the same outputs through the Triton kernels (interpreted on CPU, compiled on a
+GPU host: the model runs on the GPU there) and the torch twins."""
 
 import pytest
 import torch
@@ -10,11 +11,12 @@ from tests.helpers import full_logits
 pytest.importorskip("triton")
 PARAMS = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True, logprobs=5)
 PROMPTS = ["Hello experts", [7, 8, 9, 10, 11, 12, 13, 14, 15]]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled Triton kernels take device tensors only
 
 
 def _run(path, backend, monkeypatch):
     monkeypatch.setenv("RAYMOE_KERNELS", backend)
-    llm = LocalLLM(path, dtype="float32", progress=False)
+    llm = LocalLLM(path, dtype="float32", device=DEVICE, progress=False)
     logits = full_logits(llm.model, [list(range(3, 20))])[0]
     return llm.generate(PROMPTS, PARAMS), logits
 
@@ -42,7 +44,7 @@ def test_v32_sparse_attention_through_triton_matches_torch(tmp_path, monkeypatch
     outs = {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv("RAYMOE_KERNELS", backend)
-        llm = LocalLLM(path, dtype="float32", progress=False)
+        llm = LocalLLM(path, dtype="float32", device=DEVICE, progress=False)
         outs[backend] = llm.generate(prompts, PARAMS)
     for a, b in zip(outs["torch"], outs["triton"], strict=True):
         assert a.output_ids == b.output_ids
