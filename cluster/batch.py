@@ -3,18 +3,26 @@ Ray job (``ray job submit --working-dir . -- raymoe batch ...``).
 
 Input lines: ``{"id": ..., "prompt": "..."}`` or ``{"id": ..., "messages": [...]}``, with optional
 per-line sampling fields (``temperature``, ``top_p``, ``top_k``, ``max_new_tokens``, ``seed``,
-``stop``, ...). Output lines: ``{"id", "text", "output_ids", "prompt_tokens", "completion_tokens",
-"finish_reason"}`` or ``{"id", "line", "error"}``. Each line is written (and flushed to disk) when its
-request finishes, so a killed run loses nothing written.
+``stop``, ``logprobs``, ...). Output lines: ``{"id", "text", "output_ids", "prompt_tokens",
+"completion_tokens", "finish_reason"}`` or ``{"id", "line", "error"}``. With ``logprobs`` K > 0 a
+result also has ``token_logprobs`` (the logprob of each generated token, in ``output_ids`` order) and
+``top_logprobs`` (per generated position, K ``[token_id, logprob]`` pairs, best first), the shape of
+``raymoe generate --json``: token ids, not token texts, so that nothing is lost to decoding.
+Each line is written (and flushed to disk) as soon as its request finishes, whichever request in
+flight that is, so the file is in completion order, not input order, and a killed run loses no
+finished request.
 
 What a batch guarantees:
 - nothing it did not write is ever truncated or overwritten: ``--output`` must be a new file, an empty
   one, or a results file of an earlier run (checked before the cluster starts);
-- every input line gets a record, bad lines included (``id`` null and the line number when the line
-  has no usable id, so an error never takes a real id's place); ids keep their JSON type (``1`` and
-  ``"1"`` are two ids);
+- every id gets one record per run, bad lines included; when several lines share an id the first
+  valid one runs (an invalid line never claims an id that a valid line has) and the others count as
+  duplicates; a line with no usable id gets ``"id": null`` and its line number, so an error never
+  takes a real id's place; ids keep their JSON type (``1`` and ``"1"`` are two ids);
 - a re-run with the same output skips the ids whose last record is a success and retries the others
   (engine failures and fixed input lines alike): for each id, the last record in the file is its state.
+  A line without a usable id is reported once: a re-run skips line numbers that already have a
+  ``"id": null`` record.
 """
 
 from __future__ import annotations
@@ -22,10 +30,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -101,6 +111,12 @@ def parse_line(raw: bytes, number: int, defaults: SamplingParams) -> BatchItem:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         return BatchItem(number, None, error=f"line {number} is not valid JSON ({e.msg}); fix or remove it")
+    except ValueError as e:  # an integer of more digits than Python converts (4300 by default)
+        return BatchItem(number, None, error=f"line {number} cannot be read ({str(e).split(';')[0]}); "
+                                             "write long numbers, ids included, as strings")
+    except RecursionError:
+        return BatchItem(number, None, error=f"line {number} nests arrays or objects too deeply to read; "
+                                             "fix or remove it")
     if not isinstance(obj, dict):
         return BatchItem(number, None, error=f"line {number} must be a JSON object with an id")
     rid = obj.pop("id", None)
@@ -138,23 +154,29 @@ def _is_record(obj) -> bool:
     return isinstance(obj, dict) and "id" in obj and ("text" in obj or "error" in obj)
 
 
-def scan_output(output: Path) -> tuple[dict[str, bool], int]:
-    """The state of an existing results file: per id key, whether its last record is a success, and
-    the byte length of its complete records. Raises ``BatchError`` when the file is not a results
+@dataclass
+class OutputState:
+    """What an existing results file holds."""
+    ok: dict[str, bool] = field(default_factory=dict)  # id key -> whether its last record is a success
+    null_lines: set[int] = field(default_factory=set)  # input lines recorded with "id": null (no usable id)
+    good: int = 0  # byte length of the complete records
+    terminated: bool = True  # whether the complete records end in a newline
+
+
+def scan_output(output: Path) -> OutputState:
+    """The state of an existing results file. Raises ``BatchError`` when the file is not a results
     file (it is never truncated then). A torn last record (a killed run) is the only thing dropped."""
+    state = OutputState()
     if not output.exists():
-        return {}, 0
-    data = output.read_bytes()
-    state: dict[str, bool] = {}
-    good = 0
-    lines = data.split(b"\n")
+        return state
+    lines = output.read_bytes().split(b"\n")
     for number, raw in enumerate(lines, start=1):
         last = number == len(lines)
         if last and not raw.strip():
             break
         try:
             obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, ValueError, RecursionError):
             obj = None
         if not _is_record(obj):
             if last and raw.startswith(b'{"id": '):  # our own write, cut short by a kill
@@ -162,9 +184,28 @@ def scan_output(output: Path) -> tuple[dict[str, bool], int]:
             raise BatchError(f"--output {output} exists and is not a raymoe results file (line {number} is not a "
                              "result record); choose a new --output path (raymoe never overwrites other files)")
         if obj["id"] is not None:
-            state[id_key(obj["id"])] = "error" not in obj
-        good += len(raw) + (0 if last else 1)
-    return state, good
+            state.ok[id_key(obj["id"])] = "error" not in obj
+        elif isinstance(obj.get("line"), int):
+            state.null_lines.add(obj["line"])
+        state.good += len(raw) + (0 if last else 1)
+        state.terminated = not last
+    return state
+
+
+def repair_output(output: Path, state: OutputState) -> None:
+    """Make an earlier run's results file safe to append to. A torn last record (a write cut short:
+    not JSON) is truncated; a last record that is complete but lacks its newline (the kill came
+    between the two) is kept and its line completed with a newline."""
+    if not output.exists():
+        return
+    if output.stat().st_size > state.good:
+        with output.open("r+b") as f:
+            f.truncate(state.good)
+    if not state.terminated:
+        with output.open("ab") as f:
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def check_paths(input_path: Path, output_path: Path) -> None:
@@ -194,28 +235,78 @@ def _dumps(record: dict) -> str:
         return json.dumps(record, ensure_ascii=True)
 
 
+class Completions:
+    """Requests in flight, handed back in the order they finish. ``llm.result`` blocks until its
+    request is done, so one daemon thread per request waits on it and puts the outcome (the result,
+    or the exception it raised) on one queue; ``next`` takes whichever finished first."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.items: dict[int, BatchItem] = {}  # request id -> its line
+        self.finished: queue.Queue = queue.Queue()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def add(self, request_id: int, item: BatchItem) -> None:
+        self.items[request_id] = item
+        threading.Thread(target=self._wait, args=(request_id,), name=f"batch-wait-{request_id}", daemon=True).start()
+
+    def _wait(self, request_id: int) -> None:
+        try:
+            outcome = self.llm.result(request_id)
+        except Exception as e:  # noqa: BLE001 - handed to the batch loop, which fails this line only
+            outcome = e
+        self.finished.put((request_id, outcome))
+
+    def next(self):
+        """Blocks until a request finishes: ``(item, GenerationResult or Exception)``."""
+        request_id, outcome = self.finished.get()
+        return self.items.pop(request_id), outcome
+
+
+def _result_record(item: BatchItem, result) -> dict:
+    record = {"id": item.id, "text": result.text, "output_ids": result.output_ids,
+              "prompt_tokens": len(result.prompt_ids), "completion_tokens": len(result.output_ids),
+              "finish_reason": result.finish_reason}
+    if item.params.logprobs:
+        record["token_logprobs"] = list(result.token_logprobs)
+        record["top_logprobs"] = list(result.top_logprobs)
+    return record
+
+
+def select_items(items: list[BatchItem], state: OutputState) -> tuple[list[BatchItem], dict]:
+    """The lines this run does, and the counts for its summary. An id done in the output is skipped;
+    of the lines sharing an id the first valid one runs (an invalid line runs, as its error record,
+    only when no line with its id is valid); a line with no usable id already reported is skipped."""
+    done = {k for k, ok in state.ok.items() if ok}
+    valid = {item.key for item in items if item.key is not None and not item.error}
+    todo, seen, duplicates, skipped = [], set(), 0, 0
+    for item in items:
+        if item.key is None:
+            if item.line in state.null_lines:
+                skipped += 1
+                continue
+        elif item.key in done:
+            skipped += 1
+            continue
+        elif item.key in seen or (item.error and item.key in valid):  # one record per id; repeats: summary only
+            duplicates += 1
+            continue
+        else:
+            seen.add(item.key)
+        todo.append(item)
+    return todo, {"lines": len(items), "already_done": skipped, "retried": sum(1 for k in seen if k in state.ok),
+                  "duplicate_ids": duplicates}
+
+
 def run_batch(llm, input_path: Path, output_path: Path, defaults: SamplingParams, max_in_flight: int = 64,
               progress: bool = True) -> dict:
     check_paths(input_path, output_path)
-    state, good = scan_output(output_path)
-    if output_path.exists() and output_path.stat().st_size > good:  # drop a torn last record
-        with output_path.open("r+b") as f:
-            f.truncate(good)
-    done = {k for k, ok in state.items() if ok}
-    items, seen, duplicates, skipped, lines = [], set(), 0, 0, 0
-    for item in read_input(input_path, defaults):
-        lines += 1
-        if item.key is not None:
-            if item.key in done:
-                skipped += 1
-                continue
-            if item.key in seen:  # one output record per id: later repeats are reported in the summary only
-                duplicates += 1
-                continue
-            seen.add(item.key)
-        items.append(item)
-    summary = {"lines": lines, "already_done": skipped, "retried": sum(1 for k in seen if k in state),
-               "duplicate_ids": duplicates, "ok": 0, "failed": 0, "tokens": 0}
+    state = scan_output(output_path)
+    repair_output(output_path, state)
+    items, summary = select_items(list(read_input(input_path, defaults)), state)
+    summary.update(ok=0, failed=0, tokens=0)
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), desc="batch", unit="req", disable=not progress, file=sys.stderr,
                mininterval=1.0)
@@ -228,30 +319,28 @@ def run_batch(llm, input_path: Path, output_path: Path, defaults: SamplingParams
             bar.update()
             bar.set_postfix(tok_s=f"{summary['tokens'] / max(time.perf_counter() - t0, 1e-9):.1f}")
 
-        in_flight: dict[int, BatchItem] = {}
-        queue = deque(items)
-        while queue or in_flight:
-            while queue and len(in_flight) < max_in_flight:
-                item = queue.popleft()
+        in_flight = Completions(llm)
+        todo = deque(items)
+        while todo or in_flight:
+            while todo and len(in_flight) < max_in_flight:
+                item = todo.popleft()
                 if item.error:
                     write({"id": item.id, "line": item.line, "error": item.error})
                     continue
                 try:
-                    in_flight[llm.submit(item.prompt, item.params)] = item
+                    in_flight.add(llm.submit(item.prompt, item.params), item)
                 except Exception as e:  # noqa: BLE001 - any bad input fails its own line, never the batch
                     write({"id": item.id, "line": item.line, "error": str(e) or type(e).__name__})
             if not in_flight:
                 continue
-            request_id = next(iter(in_flight))
-            item = in_flight.pop(request_id)
-            result = llm.result(request_id)
-            if result.error:
+            item, result = in_flight.next()  # whichever finished first; the loop then refills
+            if isinstance(result, Exception):
+                write({"id": item.id, "line": item.line, "error": str(result) or type(result).__name__})
+            elif result.error:
                 write({"id": item.id, "line": item.line, "error": result.error})
             else:
                 summary["tokens"] += len(result.output_ids)
-                write({"id": item.id, "text": result.text, "output_ids": result.output_ids,
-                       "prompt_tokens": len(result.prompt_ids), "completion_tokens": len(result.output_ids),
-                       "finish_reason": result.finish_reason})
+                write(_result_record(item, result))
     bar.close()
     summary["seconds"] = time.perf_counter() - t0
     summary["tokens_per_s"] = summary["tokens"] / summary["seconds"] if summary["seconds"] else 0.0

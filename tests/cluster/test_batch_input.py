@@ -3,6 +3,7 @@ requests, so these tests show what reaches the cluster, what is written, and wha
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,10 @@ class FakeLLM:
         self.submitted.append((prompt, params))
         out = [len(prompt)] * params.max_new_tokens
         error = "step failed: an actor died" if prompt in self.fail else None
-        self.results[rid] = GenerationResult([1], out, f"text:{prompt}", "error" if error else "length", error=error)
+        k = params.logprobs  # position i: token t = len(prompt) at -0.25 * (i + 1), then the alternatives t + j
+        top = [[[len(prompt) + j, -0.25 * (i + 1) - j] for j in range(k)] for i in range(len(out))] if k else []
+        self.results[rid] = GenerationResult([1], out, f"text:{prompt}", "error" if error else "length", top,
+                                             error=error, token_logprobs=[row[0][1] for row in top])
         return rid
 
     def result(self, rid):
@@ -168,3 +172,132 @@ def test_a_torn_last_record_is_repaired(tmp_path):
     records = _records(out)
     assert [r["id"] for r in records] == [0, 1, 2] and records[0]["text"] == "kept"
     assert summary["already_done"] == 1
+
+
+class SlowFirstLLM(FakeLLM):
+    """Request 0 finishes only once every line has been submitted (or after 5 s): a batch that waits
+    on it before refilling never gets there."""
+
+    def __init__(self, total: int, output: Path):
+        super().__init__()
+        self.total, self.output, self.all_submitted = total, output, threading.Event()
+
+    def submit(self, prompt, params):
+        rid = super().submit(prompt, params)
+        if len(self.submitted) == self.total:
+            self.all_submitted.set()
+        return rid
+
+    def result(self, rid):
+        if rid == 0:
+            self.waited = self.all_submitted.wait(5.0)
+            self.written_meanwhile = self.output.read_bytes().count(b"\n")  # complete records
+        return super().result(rid)
+
+
+def test_a_long_request_does_not_hold_back_the_others(tmp_path):
+    inp = _write(tmp_path / "in.jsonl", *({"id": i, "prompt": f"p{i}"} for i in range(10)))
+    out = tmp_path / "out.jsonl"
+    llm = SlowFirstLLM(10, out)
+    summary = run_batch(llm, inp, out, DEFAULTS, max_in_flight=3, progress=False)
+    assert llm.waited  # the other nine were submitted while request 0 ran: in flight stayed at 3
+    assert llm.written_meanwhile >= 7  # and those that finished were on disk before it
+    records = _records(out)
+    assert sorted(r["id"] for r in records) == list(range(10)) and summary["ok"] == 10
+    assert records[0]["id"] != 0  # completion order, not input order
+    again = run_batch(FakeLLM(), inp, out, DEFAULTS, progress=False)  # resume keys by id, whatever the order
+    assert again["already_done"] == 10 and again["ok"] == again["failed"] == 0
+
+
+class RaisingLLM(FakeLLM):
+    def result(self, rid):
+        if self.submitted[rid][0] == "boom":
+            raise RuntimeError("the stream ended without a result")
+        return super().result(rid)
+
+
+def test_a_result_that_raises_fails_its_line_only(tmp_path):
+    inp = _write(tmp_path / "in.jsonl", {"id": "a", "prompt": "p"}, {"id": "b", "prompt": "boom"},
+                 {"id": "c", "prompt": "q"})
+    summary = run_batch(RaisingLLM(), inp, tmp_path / "out.jsonl", DEFAULTS, progress=False)
+    records = {r["id"]: r for r in _records(tmp_path / "out.jsonl")}
+    assert "without a result" in records["b"]["error"] and records["b"]["line"] == 2
+    assert records["a"]["text"] == "text:p" and records["c"]["text"] == "text:q"
+    assert summary["ok"] == 2 and summary["failed"] == 1
+
+
+def test_a_number_too_long_or_nesting_too_deep_fails_its_line_only(tmp_path):
+    lines = ['{"id": ' + "7" * 5000 + ', "prompt": "long id"}',
+             "[" * 100_000 + "]" * 100_000,
+             '{"id": "deep", "prompt": "x", "stop": ' + "[" * 100_000 + "]" * 100_000 + "}",
+             '{"id": "seed", "prompt": "x", "seed": ' + "1" * 5000 + "}",
+             json.dumps({"id": "ok", "prompt": "fine"})]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    summary = run_batch(FakeLLM(), inp, tmp_path / "out.jsonl", DEFAULTS, progress=False)
+    records = _records(tmp_path / "out.jsonl")
+    errors = {r["line"]: r["error"] for r in records if "error" in r}
+    assert sorted(errors) == [1, 2, 3, 4] and all(r["id"] is None for r in records if "error" in r)
+    assert "4300 digits" in errors[1] and "as strings" in errors[1] and "too deeply" in errors[2]
+    assert [r["id"] for r in records if "text" in r] == ["ok"] and summary["ok"] == 1 and summary["failed"] == 4
+
+
+def test_logprobs_are_written(tmp_path):
+    inp = _write(tmp_path / "in.jsonl", {"id": "two", "prompt": "ab", "logprobs": 2}, {"id": "none", "prompt": "c"})
+    out = tmp_path / "out.jsonl"
+    run_batch(FakeLLM(), inp, out, DEFAULTS, progress=False)
+    records = {r["id"]: r for r in _records(out)}
+    two = records["two"]
+    assert two["token_logprobs"] == [-0.25, -0.5, -0.75, -1.0]  # one per output id, the picked token's
+    assert two["top_logprobs"] == [[[2, -0.25 * i], [3, -0.25 * i - 1]] for i in range(1, 5)]
+    assert len(two["top_logprobs"]) == len(two["output_ids"])
+    assert "token_logprobs" not in records["none"] and "top_logprobs" not in records["none"]
+    out.unlink()
+    run_batch(FakeLLM(), inp, out, SamplingParams(temperature=0, max_new_tokens=4, logprobs=1), progress=False)
+    records = {r["id"]: r for r in _records(out)}  # --logprobs 1 for every line, 2 where a line says so
+    assert [len(p) for p in records["none"]["top_logprobs"]] == [1] * 4 and records["none"]["token_logprobs"]
+    assert [len(p) for p in records["two"]["top_logprobs"]] == [2] * 4
+
+
+def test_a_last_record_without_its_newline_is_kept_and_completed(tmp_path):
+    inp = _write(tmp_path / "in.jsonl", *({"id": i, "prompt": f"p{i}"} for i in range(3)))
+    out = tmp_path / "out.jsonl"
+    kept = json.dumps({"id": 0, "text": "kept", "output_ids": []})
+    out.write_text(kept)  # killed between the record and its newline
+    first = run_batch(FakeLLM(), inp, out, DEFAULTS, progress=False)
+    text = out.read_text()
+    assert text.startswith(kept + "\n") and text.endswith("\n")
+    assert sorted(r["id"] for r in _records(out)) == [0, 1, 2] and first["already_done"] == 1
+    out.write_text(text + json.dumps({"id": 9, "line": 9, "error": "x"}))  # an error record, unterminated
+    second = run_batch(FakeLLM(), inp, out, DEFAULTS, progress=False)
+    assert second["already_done"] == 3 and len(_records(out)) == 4
+
+
+def test_an_invalid_line_never_claims_an_id_that_a_valid_line_has(tmp_path):
+    inp = _write(tmp_path / "in.jsonl", {"id": 7, "prompt": 5}, {"id": 7, "prompt": "fixed below"},
+                 {"id": 8, "prompt": "valid first"}, {"id": 8, "prompt": 5},
+                 {"id": 9, "prompt": 5}, {"id": 9, "temperature": -1})
+    out = tmp_path / "out.jsonl"
+    llm = FakeLLM()
+    summary = run_batch(llm, inp, out, DEFAULTS, progress=False)
+    records = _records(out)
+    assert sorted(r["id"] for r in records) == [7, 8, 9]  # one record per id
+    by_id = {r["id"]: r for r in records}
+    assert by_id[7]["text"] == "text:fixed below" and by_id[8]["text"] == "text:valid first"
+    assert by_id[9]["line"] == 5 and "prompt" in by_id[9]["error"]  # no valid line: the first error
+    assert summary["ok"] == 2 and summary["failed"] == 1 and summary["duplicate_ids"] == 3
+    again = run_batch(FakeLLM(), inp, out, DEFAULTS, progress=False)
+    assert again["already_done"] == 4 and again["retried"] == 1 and again["failed"] == 1  # lines of done ids
+
+
+def test_a_line_without_an_id_is_reported_once(tmp_path):
+    inp = _write(tmp_path / "in.jsonl", "{broken", {"prompt": "no id"}, {"id": 1, "prompt": "p"})
+    out = tmp_path / "out.jsonl"
+    run_batch(FakeLLM(), inp, out, DEFAULTS, progress=False)
+    before = out.read_bytes()
+    again = run_batch(FakeLLM(), inp, out, DEFAULTS, progress=False)
+    assert out.read_bytes() == before and again["already_done"] == 3 and again["failed"] == 0
+    _write(inp, "{broken", {"prompt": "no id"}, {"id": 1, "prompt": "p"}, "[still no id]")  # a new bad line
+    third = run_batch(FakeLLM(), inp, out, DEFAULTS, progress=False)
+    nulls = [(r["line"], r["id"]) for r in _records(out) if "error" in r]
+    assert nulls == [(1, None), (2, None), (4, None)] and third["failed"] == 1
