@@ -279,7 +279,8 @@ class RayMoE:
         """What this cluster serves, for pages and APIs: the model's name, type and size figures, and
         the layout in force."""
         return {"model": self.model_dir.name, "model_dir": str(self.model_dir), "model_type": self.args.model_type,
-                "n_routed_experts": self.args.n_routed_experts, "max_context": self.args.max_position_embeddings,
+                "n_routed_experts": self.args.n_routed_experts, "vocab_size": self.args.vocab_size,
+                "max_context": self.args.max_position_embeddings,
                 # the longest sequence (prompt + output) one attention shard's cache can hold
                 "max_sequence_tokens": min(self.args.max_position_embeddings,
                                            self.layout.num_blocks * self.layout.block_size),

@@ -2,8 +2,8 @@
 
 A history is Gradio's ``messages`` format, as the page's Chatbot and API clients send it: a list of
 ``{"role": "user" | "assistant" | "system", "content": text}`` where text is a string or a list of
-text parts ``{"type": "text", "text": "..."}`` (other keys, such as Gradio's ``metadata``, are
-ignored); ``None`` is an empty history. Anything else is a ``ChatError`` that names the place.
+text parts ``{"type": "text", "text": "..."}``, joined with newlines (other keys, such as Gradio's
+``metadata``, are ignored); ``None`` is an empty history. Anything else is a ``ChatError`` that names the place.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ def _kind(value) -> str:
                                                                                         type(value).__name__)
 
 
-def _text(value, where: str) -> str:
+def check_text(value, where: str) -> str:
+    """``value`` if it is a string of valid Unicode within ``MAX_CHARS``; else a ``ChatError``
+    naming ``where``."""
     if not isinstance(value, str):
         raise ChatError(f"{where} must be text (a string), got {_kind(value)}")
     if len(value) > MAX_CHARS:
@@ -48,9 +50,10 @@ def _text(value, where: str) -> str:
 
 
 def _content(content, where: str) -> str:
-    """Message content as text: a string, or the texts of a list of text parts, joined."""
+    """Message content as text: a string, or the texts of a list of text parts, one per line (as
+    vLLM joins them)."""
     if isinstance(content, str):
-        return _text(content, where)
+        return check_text(content, where)
     if not isinstance(content, list):
         raise ChatError(f"{where} must be a string or a list of text parts, got {_kind(content)}")
     texts = []
@@ -58,17 +61,17 @@ def _content(content, where: str) -> str:
         if not isinstance(part, dict) or part.get("type") != "text" or "text" not in part:
             raise ChatError(f"{where}[{j}] must be a text part {{\"type\": \"text\", \"text\": ...}} "
                             f"(this chat takes text only), got {_kind(part)}")
-        texts.append(_text(part["text"], f"{where}[{j}].text"))
-    return "".join(texts)
+        texts.append(check_text(part["text"], f"{where}[{j}].text"))
+    return "\n".join(texts)
 
 
 def conversation(message: str, history: list | None = None, system_prompt: str | None = "") -> list[dict]:
     """Chat messages for the checkpoint's chat template: the system prompt, the history (the shape
     in this module's docstring) and the new user message. Malformed input raises ``ChatError``."""
-    message = _text(message, "the message")
+    message = check_text(message, "the message")
     if not message.strip():
         raise ChatError("Type a message first.")
-    system_prompt = _text("" if system_prompt is None else system_prompt, "the system prompt")
+    system_prompt = check_text("" if system_prompt is None else system_prompt, "the system prompt")
     history = [] if history is None else history
     messages = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
     messages += check_messages(history, "history")

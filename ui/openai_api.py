@@ -10,6 +10,11 @@ Semantics, where OpenAI leaves room:
   holds (the model's context, or less when a shard's cache is smaller: ``max_model_len``);
 - ``n`` > 1 with a ``seed`` gives choice ``i`` the seed ``seed + i`` (so the choices differ);
 - ``top_k`` is an extension (0 or -1: off); ``logprobs`` on ``/v1/completions`` takes 0..20;
+- vLLM's ``ignore_eos``, ``stop_token_ids`` and ``skip_special_tokens`` are extensions too;
+- a parameter this server does not implement is a 400 naming it, unless its value means "off"
+  (``response_format`` ``{"type": "text"}``, ``tools: []``, ``tool_choice: "none"``, ``logit_bias: {}``,
+  ``min_tokens: 0``, ...): it would change what comes back, so it is never silently ignored;
+- an error in the middle of a stream is an ``{"error": ...}`` event, then ``data: [DONE]`` (as vLLM);
 - a client that goes away (a closed stream, a dropped connection) cancels its requests.
 """
 
@@ -25,10 +30,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from cluster.api import ClusterUnavailable, SamplingParams
-from ui.chat import ChatError, check_messages
+from ui.chat import ChatError, check_messages, check_text
 
 MAX_N = 16
 MAX_STOP = 16
@@ -41,13 +46,19 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
 
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+    def response(self) -> Response:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        # ASCII JSON: a message that quotes the request (a lone surrogate in it) still encodes
+        return Response(json.dumps(body), status_code=self.status, media_type="application/json")
 
 
 def _bad(param: str, message: str) -> APIError:
     return APIError(400, message, param=param)
+
+
+def _unsupported(key: str, hint: str = "") -> APIError:
+    return APIError(400, f"'{key}' is not supported by this server" + (f": {hint}" if hint else ""), param=key,
+                    code="unsupported_parameter")
 
 
 def _get(body: dict, key: str, kind, default=None, *, lo=None, hi=None, nullable: bool = True):
@@ -72,12 +83,50 @@ def _get(body: dict, key: str, kind, default=None, *, lo=None, hi=None, nullable
     return kind(value) if kind is float else value
 
 
+def _refuse_unsupported(body: dict) -> None:
+    """A 400 naming the first parameter that asks for something this server does not do. Each is
+    accepted only at the value that means "off" (or absent, or null): any other value would change
+    the output's shape or the distribution it is drawn from, so it must not be silently ignored."""
+    for key, off in (("presence_penalty", 0), ("frequency_penalty", 0), ("repetition_penalty", 1), ("min_p", 0)):
+        if _get(body, key, float, off) != off:
+            raise _unsupported(key, f"leave it at {off}")
+    if _get(body, "min_tokens", int, 0) != 0:
+        raise _unsupported("min_tokens", "leave it at 0")
+    if _get(body, "best_of", int, 1) != 1:
+        raise _unsupported("best_of", "leave it at 1 (ask for several choices with 'n')")
+    if _get(body, "echo", bool, False):
+        raise _unsupported("echo")
+    if _get(body, "suffix", str, ""):
+        raise _unsupported("suffix")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        kind = fmt.get("type") if isinstance(fmt, dict) else fmt
+        raise _unsupported("response_format", f"only {{\"type\": \"text\"}} is, got {json.dumps(kind)[:40]}")
+    for key, off, hint in (("tools", [], "this server calls no tools; leave it out or empty"),
+                           ("functions", [], "this server calls no functions; leave it out or empty"),
+                           ("tool_choice", "none", "this server calls no tools; leave it out or \"none\""),
+                           ("function_call", "none", "this server calls no functions; leave it out or \"none\""),
+                           ("logit_bias", {}, "leave it out or empty")):
+        if body.get(key) not in (None, off):
+            raise _unsupported(key, hint)
+
+
+def _text(param: str, value: str) -> str:
+    """``value`` checked as chat checks a message (valid Unicode, within the length cap); else a 400
+    naming ``param``."""
+    try:
+        return check_text(value, f"'{param}'")
+    except ChatError as e:
+        raise _bad(param, str(e)) from None
+
+
 class OpenAIServer:
     def __init__(self, llm, model_name: str | None = None, api_key: str | None = None):
         self.llm, self.api_key = llm, api_key or None
         info = llm.describe()
         self.model_name = model_name or info["model"]
         self.max_context = info.get("max_sequence_tokens", info["max_context"])
+        self.vocab_size = info.get("vocab_size")  # bounds stop_token_ids where the cluster says it
         self.created = int(info["started_at"])
 
     # plumbing
@@ -100,8 +149,8 @@ class OpenAIServer:
         if not isinstance(model, str):
             raise _bad("model", "'model' is required: a string naming the model (see GET /v1/models)")
         if model != self.model_name:
-            raise APIError(404, f"The model '{model[:100]}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")
+            raise APIError(404, f"The model {json.dumps(model[:100])} does not exist; this server serves "
+                                f"{json.dumps(self.model_name)}", param="model", code="model_not_found")
         return body
 
     def _check_serving(self) -> None:
@@ -113,24 +162,17 @@ class OpenAIServer:
     def _params(self, body: dict, prompt_len: int, chat: bool) -> tuple[list[SamplingParams], int, bool]:
         """Sampling parameters for each of the ``n`` choices, the number of top logprobs, and whether
         logprobs were asked for."""
-        for key in ("presence_penalty", "frequency_penalty"):
-            if _get(body, key, float, 0.0, lo=-2, hi=2) != 0:
-                raise _bad(key, f"'{key}' is not supported by this server; leave it at 0")
-        for key, fine in (("best_of", lambda v: v is None or (v == 1 and not isinstance(v, bool))),
-                          ("echo", lambda v: v is None or v is False), ("suffix", lambda v: v is None or v == "")):
-            if not fine(body.get(key)):
-                raise _bad(key, f"'{key}' is not supported by this server")
         room = self.max_context - prompt_len
         if room < 1:
             raise _bad("messages" if chat else "prompt",
                        f"The prompt is {prompt_len} tokens long; the model's context is {self.max_context}")
+        # every one given is checked; max_completion_tokens wins over the older max_tokens
         keys = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
-        max_tokens = None
-        for key in keys:
-            max_tokens = _get(body, key, int, None, lo=1) if max_tokens is None else max_tokens
+        given = [(key, v) for key in keys if (v := _get(body, key, int, None, lo=1)) is not None]
+        key, max_tokens = given[0] if given else (keys[-1], None)
         if max_tokens is not None and max_tokens > room:
-            raise _bad(keys[-1], f"max_tokens {max_tokens} + the prompt's {prompt_len} tokens exceed the "
-                                 f"{self.max_context} tokens a sequence may hold here; ask for at most {room}")
+            raise _bad(key, f"{key} {max_tokens} + the prompt's {prompt_len} tokens exceed the "
+                            f"{self.max_context} tokens a sequence may hold here; ask for at most {room}")
         temperature = _get(body, "temperature", float, 1.0, lo=0, hi=2)
         top_p = _get(body, "top_p", float, 1.0, lo=0, hi=1)
         if top_p == 0:
@@ -138,13 +180,9 @@ class OpenAIServer:
         top_k = _get(body, "top_k", int, 0, lo=-1)
         seed = _get(body, "seed", int, None, lo=-(2**63), hi=2**63 - 1)
         n = _get(body, "n", int, 1, lo=1, hi=MAX_N)
-        stop = body.get("stop")
-        if stop is None:
-            stop = []
-        elif isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
-            raise _bad("stop", f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them")
+        stop, stop_token_ids = self._stops(body)
+        ignore_eos = _get(body, "ignore_eos", bool, False)
+        skip_special_tokens = _get(body, "skip_special_tokens", bool, True)
         if chat:
             want = _get(body, "logprobs", bool, False)
             top = _get(body, "top_logprobs", int, 0, lo=0, hi=MAX_LOGPROBS)
@@ -158,11 +196,33 @@ class OpenAIServer:
             s = None if seed is None else (seed + i + 2**63) % 2**64 - 2**63  # stays a 64-bit integer
             try:
                 params.append(SamplingParams(temperature=temperature, top_p=top_p, top_k=max(top_k, 0), seed=s,
-                                             max_new_tokens=max_tokens or room, stop=tuple(stop),
+                                             max_new_tokens=max_tokens or room, stop=stop,
+                                             stop_token_ids=stop_token_ids, ignore_eos=ignore_eos,
+                                             skip_special_tokens=skip_special_tokens,
                                              logprobs=max(top, 1) if want else 0))
             except ValueError as e:
                 raise APIError(400, str(e)) from None
         return params, top, want
+
+    def _stops(self, body: dict) -> tuple[tuple[str, ...], tuple[int, ...]]:
+        """The ``stop`` strings and vLLM's ``stop_token_ids``, checked."""
+        stop = body.get("stop")
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+            raise _bad("stop", f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them")
+        for s in stop:
+            _text("stop", s)
+        ids = body.get("stop_token_ids")
+        ids = [] if ids is None else ids
+        hi = self.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                and (hi is None or t < hi) for t in ids):
+            within = f"0..{hi - 1}" if hi else ">= 0"
+            raise _bad("stop_token_ids", f"'stop_token_ids' must be a list of token ids (integers {within})")
+        return tuple(stop), tuple(ids)
 
     def _submit(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[int]:
         ids = []
@@ -239,7 +299,7 @@ class OpenAIServer:
         try:
             self._auth(request)
             if model != self.model_name:
-                raise APIError(404, f"The model '{model[:100]}' does not exist", param="model",
+                raise APIError(404, f"The model {json.dumps(model[:100])} does not exist", param="model",
                                code="model_not_found")
         except APIError as e:
             return e.response()
@@ -259,6 +319,7 @@ class OpenAIServer:
         try:
             self._auth(request)
             body = await self._body(request)
+            _refuse_unsupported(body)
             self._check_serving()
             if chat:
                 if "messages" not in body:
@@ -277,13 +338,18 @@ class OpenAIServer:
                         isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
                     raise _bad("prompt", "'prompt' must be a string (or one list of token ids); "
                                          "send several prompts as several requests")
+                if isinstance(prompt, str):  # tokenizers raise TypeError on a lone surrogate: a 500
+                    _text("prompt", prompt)
             try:  # tokenising a long prompt takes a while: off the event loop
                 prompt_ids = await asyncio.to_thread(self.llm.encode, prompt)
             except ValueError as e:
                 raise _bad("messages" if chat else "prompt", str(e)) from None
             params, top, want = self._params(body, len(prompt_ids), chat)
             stream = _get(body, "stream", bool, False)
-            options = body.get("stream_options") or {}
+            options = body.get("stream_options")
+            if options is not None and not stream:
+                raise _bad("stream_options", "'stream_options' is only allowed with 'stream': true")
+            options = {} if options is None else options
             if not isinstance(options, dict):
                 raise _bad("stream_options", "'stream_options' must be an object")
             usage = _get(options, "include_usage", bool, False)
@@ -341,8 +407,9 @@ class OpenAIServer:
     async def _sse(self, rid: str, ids: list[int], prompt_len: int, chat: bool, top: int, want: bool,
                    usage: bool) -> AsyncIterator[str]:
         """Server-sent events: per choice a first chunk with the role (chat), text chunks, a last chunk
-        with ``finish_reason``; then the usage chunk when asked for, and ``data: [DONE]``. A client
-        that goes away closes this generator, which cancels the requests still running."""
+        with ``finish_reason``; then the usage chunk when asked for, and ``data: [DONE]``. A request
+        that fails ends the stream with an error event and ``data: [DONE]``. A client that goes away
+        closes this generator, which cancels the requests still running."""
         created, done = int(time.time()), [False] * len(ids)
         kind = "chat.completion.chunk" if chat else "text_completion"
 
@@ -357,6 +424,10 @@ class OpenAIServer:
                 body["usage"] = None
             return f"data: {json.dumps(body)}\n\n"
 
+        def error(message):  # as vLLM: clients that read until [DONE] stop here too
+            body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+            return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n"
+
         queue, _ = self._events(ids)
         texts = [""] * len(ids)
         completion = 0
@@ -367,15 +438,14 @@ class OpenAIServer:
             while not all(done):
                 index, ev = await queue.get()
                 if isinstance(ev, Exception):
-                    yield f"data: {json.dumps({'error': {'message': str(ev), 'type': 'server_error'}})}\n\n"
+                    yield error(f"The request failed in the cluster: {ev}")
                     return
                 if ev.finished:
                     done[index] = True
                     r = ev.result
                     completion += len(r.output_ids)
                     if r.error:
-                        err = {"message": f"The request failed in the cluster: {r.error}", "type": "server_error"}
-                        yield f"data: {json.dumps({'error': err})}\n\n"
+                        yield error(f"The request failed in the cluster: {r.error}")
                         return
                     logprobs = self._logprobs(r, top, chat) if want else None
                     if ev.text:

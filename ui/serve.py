@@ -53,8 +53,8 @@ def main(args) -> int:
         print(f"raymoe is serving {name} on {info['attention_shards']} attention shard(s) x "
               f"{info['expert_actors']} expert actor(s)")
         print(f"  chat and cluster page: {app.local_url}")
-        print(f"  OpenAI API:            {app.local_url.rstrip('/')}/v1 (model '{name}', "
-              f"{'key required' if api_key else 'no key: as open as the page'})")
+        key = "key required; the page and its /chat API take no key" if api_key else "no key: as open as the page"
+        print(f"  OpenAI API:            {app.local_url.rstrip('/')}/v1 (model '{name}', {key})")
         if app.share_url:
             print(f"  public share link:     {app.share_url}")
         print(f"  Ray dashboard:         {llm.dashboard_url or 'not started by raymoe (joined cluster)'}")

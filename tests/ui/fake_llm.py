@@ -1,4 +1,5 @@
-"""A stand-in for ``RayMoE`` with the few members the page uses, for tests that need no Ray."""
+"""A stand-in for ``RayMoE`` with the few members the page and the OpenAI API use, for tests that
+need no Ray."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,17 +17,24 @@ class FakeLLM:
         self.layout = SimpleNamespace(attention_shards=1, expert_actors=2)
         self.dashboard_url = None
 
-    def submit(self, messages, params) -> int:
-        if sum(len(m["content"]) for m in messages) > 10_000:
+    def submit(self, prompt, params) -> int:
+        """``prompt``: chat messages (the page), or token ids (the OpenAI API encodes first)."""
+        size = sum(len(m["content"]) for m in prompt) if prompt and isinstance(prompt[0], dict) else len(prompt)
+        if size > 10_000:
             raise ValueError("the prompt is longer than the model's context")
-        self.submitted.append((messages, params))
+        self.submitted.append((prompt, params))
         return len(self.submitted) - 1
 
     def stream(self, request_id: int):
         pieces = [self.reply[i:i + self.piece] for i in range(0, len(self.reply), self.piece)]
         for i, text in enumerate(pieces):
             last = i == len(pieces) - 1
-            yield SimpleNamespace(text=text, finished=last, result=SimpleNamespace(error=None) if last else None)
+            result = SimpleNamespace(error=None, text=self.reply, output_ids=list(range(len(pieces))),
+                                     finish_reason="stop", token_logprobs=[], top_logprobs=[]) if last else None
+            yield SimpleNamespace(text=text, finished=last, result=result)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return [f"<{i}>" for i in ids]
 
     def cancel(self, request_id: int) -> None:
         self.cancelled.append(request_id)

@@ -121,3 +121,33 @@ def test_serve_takes_no_share_link_or_analytics_from_the_environment(monkeypatch
     with pytest.raises(ValueError, match="--share opens a public link"):
         serve.main(_serve_args("--share"))
     assert not launched
+
+
+@pytest.mark.parametrize("argv, env, says", [
+    (("--api-key", "k"), None, "key required; the page and its /chat API take no key"),
+    ((), "k", "key required; the page and its /chat API take no key"),
+    ((), None, "no key: as open as the page"),
+])
+def test_serve_says_what_the_key_guards(monkeypatch, capsys, argv, env, says):
+    import signal
+    from types import SimpleNamespace
+
+    import cluster.api
+    from ui import serve
+
+    if env is None:
+        monkeypatch.delenv("RAYMOE_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("RAYMOE_API_KEY", env)
+    monkeypatch.setattr(cluster.api.RayMoE, "start", classmethod(lambda cls, *a, **k: FakeLLM()))
+    given = []
+    app = SimpleNamespace(local_url="http://127.0.0.1:7860/", share_url=None, close=lambda: None)
+    monkeypatch.setattr(serve, "start_server", lambda llm, launch, *a: given.append(a) or app)  # no port
+    monkeypatch.setattr(serve, "threading", SimpleNamespace(Event=lambda: SimpleNamespace(wait=lambda s: True)))
+    monkeypatch.setattr(serve, "signal", SimpleNamespace(SIGINT=signal.SIGINT, SIGTERM=signal.SIGTERM,
+                                                         signal=lambda *a: None))
+    assert serve.main(_serve_args(*argv)) == 0
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if "OpenAI API" in x]
+    assert line.endswith(f"/v1 (model 'tiny', {says})")
+    assert given[0][2] == ("k" if argv or env else None)  # the key reaches the /v1 routes

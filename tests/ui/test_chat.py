@@ -5,7 +5,7 @@ import pytest
 
 from model.sampling import SamplingParams
 from tests.ui.fake_llm import FakeLLM
-from ui.chat import MAX_CHARS, MAX_HISTORY, ChatError, conversation, sampling, stream_reply
+from ui.chat import MAX_CHARS, MAX_HISTORY, ChatError, check_messages, conversation, sampling, stream_reply
 
 
 def _deep(depth: int):
@@ -24,8 +24,14 @@ def test_history_is_optional_and_takes_the_documented_shapes():
                {"role": "assistant", "content": "Hi!", "metadata": None, "options": None}]
     assert conversation("More", history, "Be brief.") == [
         {"role": "system", "content": "Be brief."}, {"role": "system", "content": "Be kind."},
-        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+        {"role": "user", "content": "Hel\nlo"}, {"role": "assistant", "content": "Hi!"},
         {"role": "user", "content": "More"}]
+
+
+def test_text_parts_are_joined_one_per_line_as_vllm_does():
+    parts = [{"type": "text", "text": "Hello"}, {"type": "text", "text": "world"}]
+    assert check_messages([{"role": "user", "content": parts}]) == [{"role": "user", "content": "Hello\nworld"}]
+    assert check_messages([{"role": "user", "content": parts[:1]}]) == [{"role": "user", "content": "Hello"}]
 
 
 @pytest.mark.parametrize("history, problem", [
