@@ -102,7 +102,7 @@ class RayMoE:
         if not isinstance(layout, ClusterLayout):
             layout = ClusterLayout.load(layout, **layout_overrides)
         if layout.speculative_tokens and not args.num_nextn_predict_layers:
-            raise ValueError(f"{model_dir} has no MTP layer (num_nextn_predict_layers is 0): speculative decoding "
+            raise ValueError(f"{model_dir} has no MTP layer in its weights: speculative decoding "
                              "needs one; set speculative_tokens to 0")
         tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
         started, dashboard = _ensure_ray(address, loopback)

@@ -25,6 +25,10 @@ from model.indexer import Indexer, causal_past, whole_past
 from model.layers import Linear, RMSNorm
 from model.rope import apply_rotary
 
+# the q and kv latents' RMSNorm epsilon, whatever rms_norm_eps says: DeepSeek's code and transformers
+# build these two norms with their default, 1e-6
+LATENT_NORM_EPS = 1e-6
+
 
 @dataclass
 class AttnMeta:
@@ -95,13 +99,13 @@ class MLA(nn.Module):
         lin = dict(dtype=dtype, fp8_block=fp8_block)
         if a.q_lora_rank:
             self.q_a_proj = Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias, **lin)
-            self.q_a_layernorm = RMSNorm(a.q_lora_rank, a.rms_norm_eps, dtype)
+            self.q_a_layernorm = RMSNorm(a.q_lora_rank, LATENT_NORM_EPS, dtype)
             self.q_b_proj = Linear(a.q_lora_rank, self.n_heads * a.qk_head_dim, **lin)
         else:
             self.q_proj = Linear(a.hidden_size, self.n_heads * a.qk_head_dim, **lin)
         self.kv_a_proj_with_mqa = Linear(a.hidden_size, a.kv_lora_rank + a.qk_rope_head_dim,
                                          bias=a.attention_bias, **lin)
-        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank, a.rms_norm_eps, dtype)
+        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank, LATENT_NORM_EPS, dtype)
         self.kv_b_proj = Linear(a.kv_lora_rank, self.n_heads * (a.qk_nope_head_dim + a.v_head_dim), **lin)
         self.o_proj = Linear(self.n_heads * a.v_head_dim, a.hidden_size, bias=a.attention_bias, **lin)
         # DeepSeek-V3.2: the lightning indexer picks the keys each query attends to (model/indexer.py)

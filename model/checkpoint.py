@@ -141,7 +141,7 @@ class CheckpointReader:
 
     @property
     def args(self) -> ModelArgs:
-        return ModelArgs.from_hf(self.path)
+        return with_present_mtp(ModelArgs.from_hf(self.path), self.weight_map)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -167,6 +167,20 @@ class CheckpointReader:
                     bar.update()
         bar.close()
         return out
+
+
+def with_present_mtp(args: ModelArgs, weight_map: dict[str, str]) -> ModelArgs:
+    """``args`` with ``num_nextn_predict_layers`` cut to the MTP layers the weights hold any tensor
+    of: transformers writes ``num_nextn_predict_layers: 1`` without the layer, and derivatives of
+    DeepSeek-V3 strip it. Such a checkpoint serves; speculative decoding says it has no MTP layer."""
+    first = args.num_hidden_layers
+    present = 0
+    while present < args.num_nextn_predict_layers:
+        prefix = f"model.layers.{first + present}."
+        if not any(name.startswith(prefix) for name in weight_map):
+            break
+        present += 1
+    return args if present == args.num_nextn_predict_layers else args.replace(num_nextn_predict_layers=present)
 
 
 def load_into(module: torch.nn.Module, reader: CheckpointReader, prefix: str = "",
@@ -218,6 +232,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.bfloat16, device: st
     with torch.device("meta"):
         model = Transformer(args, dtype, with_mtp=with_mtp, routed_experts=routed_experts)
     model = model.to_empty(device=device)
+    model.tie_weights()
     model.rotary = type(model.rotary)(args).to(device)
     load_into(model, reader, progress=progress)
     return model.eval()
@@ -227,8 +242,9 @@ def validate_checkpoint(path: str | Path, need_tokenizer: bool = False) -> Model
     """The cheap checks to run before any actor starts, from ``config.json``, the index and the
     safetensors headers only (no tensor data is read): the config parses; every file is whole and
     holds what the index says; every tensor the model reads is there with the config's shape (FP8:
-    with its ``weight_scale_inv``); MTP layers are checked only where the checkpoint has them; with
-    ``need_tokenizer``, the tokenizer loads. Each failure is one ``CheckpointError``."""
+    with its ``weight_scale_inv``); MTP layers are checked only where the checkpoint has them (the
+    returned args count only those: ``with_present_mtp``); with ``need_tokenizer``, the tokenizer
+    loads. Each failure is one ``CheckpointError``."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
@@ -237,6 +253,7 @@ def validate_checkpoint(path: str | Path, need_tokenizer: bool = False) -> Model
     except (ValueError, FileNotFoundError) as e:
         raise CheckpointError(str(e)) from e
     reader = CheckpointReader(path)
+    args = with_present_mtp(args, reader.weight_map)
     headers = {file: read_header(path / file) for file in sorted(set(reader.weight_map.values()))}
     for name, file in reader.weight_map.items():
         if name not in headers[file]:
@@ -244,7 +261,7 @@ def validate_checkpoint(path: str | Path, need_tokenizer: bool = False) -> Model
                 f"{path / INDEX_FILE} puts {name!r} in {file}, whose header does not list it; "
                 "the index and the weight files do not match, re-download them"
             )
-    expected = _expected_tensors(args, reader.weight_map)
+    expected = _expected_tensors(args)
     missing = [n for n in expected if n not in reader]
     for n in missing:
         if n.endswith("weight_scale_inv"):
@@ -266,10 +283,10 @@ def validate_checkpoint(path: str | Path, need_tokenizer: bool = False) -> Model
     return args
 
 
-def _expected_tensors(args: ModelArgs, weight_map: dict[str, str]) -> dict[str, torch.Tensor]:
+def _expected_tensors(args: ModelArgs) -> dict[str, torch.Tensor]:
     """Name -> meta tensor (shape, dtype) of every tensor the model reads: what ``load_model``
-    fills, the routed experts the expert actors read (``actors.expert_bank.ExpertBank.load``), and each MTP layer
-    that the checkpoint has any tensor of."""
+    fills, the routed experts the expert actors read (``actors.expert_bank.ExpertBank.load``), and the
+    MTP layers ``args`` counts (``with_present_mtp``)."""
     from model.layers import MLP
     from model.moe import experts_elsewhere
     from model.transformer import Transformer
@@ -282,9 +299,7 @@ def _expected_tensors(args: ModelArgs, weight_map: dict[str, str]) -> dict[str, 
             expert = MLP(args.hidden_size, args.moe_intermediate_size, torch.bfloat16, fp8_block)
     except NotImplementedError as e:
         raise CheckpointError(str(e)) from e
-    mtp = [f"model.layers.{args.num_hidden_layers + i}." for i in range(args.num_nextn_predict_layers)]
-    absent_mtp = tuple(p for p in mtp if not any(n.startswith(p) for n in weight_map))
-    expected = {n: t for n, t in model.named_parameters() if not n.startswith(absent_mtp)}
+    expected = dict(model.named_parameters())
     for layer in args.moe_layers:
         for e in range(args.n_routed_experts):
             for n, t in expert.named_parameters():

@@ -16,7 +16,18 @@ from typing import Any
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32")
 SCORING_FUNCS = ("softmax", "sigmoid")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
-ROPE_TYPES = ("default", "yarn")
+ROPE_TYPES = ("default", "linear", "yarn")
+# transformers' config classes' values for keys a config.json may leave out (a key given as null
+# means "none": no shared experts, no groups, scaling 1)
+HF_DEFAULTS = {
+    "deepseek_v2": dict(n_shared_experts=2, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+                        first_k_dense_replace=0),
+    "deepseek_v3": dict(n_shared_experts=1, routed_scaling_factor=2.5, n_group=8, topk_group=4,
+                        first_k_dense_replace=3),
+}
+HF_DEFAULTS["deepseek_v32"] = dict(HF_DEFAULTS["deepseek_v3"], index_n_heads=64, index_head_dim=128, index_topk=2048)
+NULL_MEANS = dict(n_shared_experts=0, routed_scaling_factor=1.0, n_group=1, topk_group=1, first_k_dense_replace=0,
+                  index_n_heads=0, index_head_dim=0, index_topk=0)
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -33,6 +44,7 @@ class RopeArgs:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    attention_factor: float | None = None  # YaRN's cos/sin multiplier when the config gives it (transformers)
 
     def __post_init__(self):
         if self.type not in ROPE_TYPES:
@@ -40,7 +52,7 @@ class RopeArgs:
                 f"rope_scaling.type {self.type!r} is not supported; use one of {ROPE_TYPES} "
                 "(DeepSeek checkpoints use 'yarn')"
             )
-        if self.type == "yarn" and self.factor <= 0:
+        if self.type != "default" and self.factor <= 0:
             raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
 
 
@@ -275,6 +287,13 @@ def _from_hf_dict(cfg: dict[str, Any]) -> ModelArgs:
             f"model_type {model_type!r} in config.json is not supported; raymoe serves {MODEL_TYPES}"
         )
     v2 = model_type == "deepseek_v2"
+
+    def hf_default(key: str):  # absent: the config class's value; null: "none"
+        return HF_DEFAULTS.get(model_type, {}).get(key, NULL_MEANS[key]) if key not in cfg else NULL_MEANS[key]
+
+    if _bool(cfg, "mlp_bias", False):
+        raise ValueError("mlp_bias true is not supported: raymoe's MLPs and experts have no biases (no DeepSeek "
+                         "checkpoint has them)")
     topk_method = _str(cfg, "topk_method", "greedy" if v2 else "noaux_tc")
     if topk_method == "gready":  # the spelling some DeepSeek-V2 configs carry
         topk_method = "greedy"
@@ -291,14 +310,14 @@ def _from_hf_dict(cfg: dict[str, Any]) -> ModelArgs:
         intermediate_size=_int(cfg, "intermediate_size"),
         moe_intermediate_size=_int(cfg, "moe_intermediate_size", 0),
         num_hidden_layers=_int(cfg, "num_hidden_layers"),
-        first_k_dense_replace=_int(cfg, "first_k_dense_replace", 0),
+        first_k_dense_replace=_int(cfg, "first_k_dense_replace", hf_default("first_k_dense_replace")),
         moe_layer_freq=_int(cfg, "moe_layer_freq", 1),
         n_routed_experts=n_routed,
-        n_shared_experts=_int(cfg, "n_shared_experts", 0),
+        n_shared_experts=_int(cfg, "n_shared_experts", hf_default("n_shared_experts")),
         num_experts_per_tok=_int(cfg, "num_experts_per_tok", 1 if not n_routed else 0),
-        n_group=_int(cfg, "n_group", 1),
-        topk_group=_int(cfg, "topk_group", 1),
-        routed_scaling_factor=_float(cfg, "routed_scaling_factor", 1.0),
+        n_group=_int(cfg, "n_group", hf_default("n_group")),
+        topk_group=_int(cfg, "topk_group", hf_default("topk_group")),
+        routed_scaling_factor=_float(cfg, "routed_scaling_factor", hf_default("routed_scaling_factor")),
         scoring_func=_str(cfg, "scoring_func", "softmax" if v2 else "sigmoid"),
         topk_method=topk_method,
         norm_topk_prob=_bool(cfg, "norm_topk_prob", not v2),
@@ -317,9 +336,9 @@ def _from_hf_dict(cfg: dict[str, Any]) -> ModelArgs:
         tie_word_embeddings=_bool(cfg, "tie_word_embeddings", False),
         bos_token_id=_token_id(cfg, "bos_token_id"),
         eos_token_id=_token_id(cfg, "eos_token_id"),
-        index_n_heads=_int(cfg, "index_n_heads", 0),
-        index_head_dim=_int(cfg, "index_head_dim", 0),
-        index_topk=_int(cfg, "index_topk", 0),
+        index_n_heads=_int(cfg, "index_n_heads", hf_default("index_n_heads")),
+        index_head_dim=_int(cfg, "index_head_dim", hf_default("index_head_dim")),
+        index_topk=_int(cfg, "index_topk", hf_default("index_topk")),
     )
 
 
@@ -336,11 +355,12 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeArgs:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return RopeArgs(theta=theta)
-    if rope_type != "yarn":
-        raise ValueError(f"rope scaling type {rope_type!r} is not supported; use 'yarn' or none")
-    for key in ("factor", "original_max_position_embeddings"):
-        if scaling.get(key) is None:
-            raise ValueError(f"config.json: {where}{key} is required for yarn scaling")
+    if rope_type not in ("yarn", "linear"):
+        raise ValueError(f"rope scaling type {rope_type!r} is not supported; use 'yarn', 'linear' or none")
+    if scaling.get("factor") is None:
+        raise ValueError(f"config.json: {where}factor is required for {rope_type} scaling")
+    if rope_type == "linear":
+        return RopeArgs(theta=theta, type="linear", factor=_float(scaling, "factor", where=where))
 
     def unset_if_zero(key: str, default: float) -> float:  # 0 reads as unset, as in transformers' yarn
         return _float(scaling, key, default, where) or default
@@ -349,11 +369,15 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeArgs:
         theta=theta,
         type="yarn",
         factor=_float(scaling, "factor", where=where),
-        original_max_position_embeddings=_int(scaling, "original_max_position_embeddings", where=where),
+        # as transformers: the model's max_position_embeddings when the scaling does not say
+        original_max_position_embeddings=_int(scaling, "original_max_position_embeddings",
+                                              _int(cfg, "max_position_embeddings", 4096), where),
         beta_fast=unset_if_zero("beta_fast", 32.0),
         beta_slow=unset_if_zero("beta_slow", 1.0),
         mscale=unset_if_zero("mscale", 1.0),
         mscale_all_dim=_float(scaling, "mscale_all_dim", 0.0, where),
+        attention_factor=None if scaling.get("attention_factor") is None else _float(scaling, "attention_factor",
+                                                                                     where=where),
     )
 
 
@@ -400,6 +424,10 @@ def args_to_hf(args: ModelArgs) -> dict[str, Any]:
             "beta_fast": r.beta_fast, "beta_slow": r.beta_slow,
             "mscale": r.mscale, "mscale_all_dim": r.mscale_all_dim,
         }
+        if r.attention_factor is not None:
+            cfg["rope_scaling"]["attention_factor"] = r.attention_factor
+    elif args.rope.type == "linear":
+        cfg["rope_scaling"] = {"type": "linear", "factor": args.rope.factor}
     if args.quant is not None:
         cfg["quantization_config"] = {
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

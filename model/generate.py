@@ -30,7 +30,7 @@ class LocalLLM:
         with_mtp = bool(speculative_tokens) if mtp is None else mtp
         self.model = load_model(path, dtype, device, with_mtp=with_mtp, progress=progress, index_fp8=index_fp8)
         if speculative_tokens and not self.model.mtp_layers:
-            raise ValueError(f"{path} has no MTP layer (num_nextn_predict_layers is 0): speculative decoding needs "
+            raise ValueError(f"{path} has no MTP layer in its weights: speculative decoding needs "
                              "one; set speculative_tokens to 0")
         self.args = self.model.args
         self.tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None

@@ -65,7 +65,8 @@ def route(a: ModelArgs, logits: torch.Tensor, bias: torch.Tensor | None) -> Rout
         choice = grouped.masked_fill(mask[..., None], float("-inf")).flatten(1)
     indices = choice.topk(a.num_experts_per_tok, dim=-1).indices
     weights = scores.gather(1, indices)
-    if a.norm_topk_prob and a.num_experts_per_tok > 1:
+    # DeepSeek-V2's code skips it for top-1; V3's (transformers, DeepSeek's reference) does not
+    if a.norm_topk_prob and (a.num_experts_per_tok > 1 or a.model_type != "deepseek_v2"):
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     return Routing(weights * a.routed_scaling_factor, indices)
 

@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN scaling, in DeepSeek's interleaved pair layout."""
+"""Rotary position embedding (YaRN or linear scaling), in DeepSeek's interleaved pair layout."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ def inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
     """Per-pair inverse frequencies ``[qk_rope_head_dim // 2]`` and the cos/sin multiplier."""
     dim, rope = args.qk_rope_head_dim, args.rope
     freqs = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if rope.type == "linear":  # positions divided by the factor
+        return freqs / rope.factor, 1.0
     if rope.type != "yarn":
         return freqs, 1.0
     orig = rope.original_max_position_embeddings
@@ -27,6 +29,8 @@ def inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolate = 1 - ramp  # 1: keep the original frequency, 0: interpolate by `factor`
     freqs = freqs / rope.factor * (1 - extrapolate) + freqs * extrapolate
+    if rope.attention_factor is not None:  # given outright (transformers reads it first)
+        return freqs, rope.attention_factor
     attn_factor = yarn_mscale(rope.factor, rope.mscale) / yarn_mscale(rope.factor, rope.mscale_all_dim)
     return freqs, attn_factor
 

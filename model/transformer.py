@@ -103,7 +103,14 @@ class Transformer(nn.Module):
         fp8_block = args.quant.weight_block_size if args.quant else None
         self.model = Model(args, dtype, fp8_block, with_mtp, routed_experts)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, dtype=dtype)
+        self.tie_weights()
         self.rotary = RotaryEmbedding(args)
+
+    def tie_weights(self) -> None:
+        """``tie_word_embeddings``: the head is the embedding (one tensor; a tied checkpoint has no
+        ``lm_head.weight``). Called again after ``to_empty``, which gives each module its own copy."""
+        if self.args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @property
     def num_layers(self) -> int:

@@ -16,6 +16,23 @@ def rewrite_config(path: Path, **changes) -> None:
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
+def remove_tensors(ckpt: Path, names: list[str]) -> None:
+    """Delete ``names`` from a sharded checkpoint's files and from its index."""
+    from safetensors.torch import load_file, save_file
+
+    from model.checkpoint import INDEX_FILE
+
+    index = json.loads((ckpt / INDEX_FILE).read_text())
+    for file in {index["weight_map"][n] for n in names}:
+        tensors = load_file(ckpt / file)
+        for n in names:
+            tensors.pop(n, None)
+        save_file(tensors, ckpt / file, metadata={"format": "pt"})
+    for n in names:
+        del index["weight_map"][n]
+    (ckpt / INDEX_FILE).write_text(json.dumps(index))
+
+
 def full_logits(model, token_rows: list[list[int]], absorb: bool = True) -> list[torch.Tensor]:
     """Logits of every position of each sequence, all sequences in one flattened forward."""
     from model.cache import MLACache

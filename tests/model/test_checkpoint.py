@@ -6,12 +6,12 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import model.checkpoint
 from model.checkpoint import INDEX_FILE, CheckpointError, CheckpointReader, load_model, validate_checkpoint
 from model.config import ModelArgs
-from tests.helpers import rewrite_config
+from model.generate import LocalLLM
+from tests.helpers import remove_tensors, rewrite_config
 
 
 @pytest.fixture
@@ -26,19 +26,6 @@ def fp8_ckpt(tiny_fp8_dir, tmp_path):
     dst = tmp_path / "fp8"
     shutil.copytree(tiny_fp8_dir, dst)
     return dst
-
-
-def remove_tensors(ckpt, names: list[str]) -> None:
-    """Delete ``names`` from their shards and from the index."""
-    index = json.loads((ckpt / INDEX_FILE).read_text())
-    for file in {index["weight_map"][n] for n in names}:
-        tensors = load_file(ckpt / file)
-        for n in names:
-            tensors.pop(n, None)
-        save_file(tensors, ckpt / file, metadata={"format": "pt"})
-    for n in names:
-        del index["weight_map"][n]
-    (ckpt / INDEX_FILE).write_text(json.dumps(index))
 
 
 def truncate(file, keep: float = 0.5) -> None:
@@ -235,7 +222,12 @@ def test_validate_mtp_weights_are_optional(ckpt):
     mtp = [n for n in CheckpointReader(ckpt).weight_map if n.startswith("model.layers.4.")]
     assert len(mtp) > 40
     remove_tensors(ckpt, mtp)
-    assert validate_checkpoint(ckpt).num_nextn_predict_layers == 1
+    # as transformers saves a DeepSeek-V3 (num_nextn_predict_layers 1 in the config, no layer in the
+    # weights): it validates, loads and serves; the args count only the MTP layers the weights hold
+    assert validate_checkpoint(ckpt).num_nextn_predict_layers == 0
+    assert load_model(ckpt, torch.float32, progress=False).mtp_layers == []
+    with pytest.raises(ValueError, match="no MTP layer in its weights"):
+        LocalLLM(ckpt, dtype="float32", progress=False, speculative_tokens=1)
 
 
 def test_validate_wrong_shape(ckpt):

@@ -44,8 +44,9 @@ def test_v3_softmax_scale_has_yarn_mscale():
     ("n_group", 3, "n_group"),
     ("topk_group", 9, "topk_group"),
     ("hidden_act", "gelu", "hidden_act"),
-    ("rope_scaling", {"type": "linear", "factor": 2.0}, "linear"),
-    ("rope_scaling", {"type": "yarn", "factor": 2.0}, "original_max_position_embeddings"),
+    ("rope_scaling", {"type": "dynamic", "factor": 2.0}, "dynamic"),
+    ("rope_scaling", {"type": "yarn", "original_max_position_embeddings": 1024}, "factor"),
+    ("mlp_bias", True, "mlp_bias"),
     ("quantization_config", {"quant_method": "gptq"}, "quant_method"),
 ])
 def test_unsupported_values_name_the_key(tiny_cfg, key, value, match):

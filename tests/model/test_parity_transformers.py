@@ -14,7 +14,7 @@ import torch
 
 from model.checkpoint import load_model
 from model.tiny import make_tiny
-from tests.helpers import full_logits, rewrite_config
+from tests.helpers import full_logits, remove_tensors, rewrite_config
 
 TOL = 2e-4
 
@@ -42,6 +42,25 @@ CASES = {
                        norm_topk_prob=False, n_group=4, topk_group=2, routed_scaling_factor=16.0),
         rope_scaling=False,
     ),
+    # top-1 routing renormalised (weight 1 x the scaling, as transformers and DeepSeek's V3 code do),
+    # a large rms_norm_eps (the q/kv latent norms keep 1e-6), linear RoPE scaling
+    "v3-top1-eps-linear": dict(
+        overrides=dict(num_experts_per_tok=1),
+        config=dict(rms_norm_eps=0.05, rope_scaling={"type": "linear", "factor": 4.0}),
+    ),
+    # MoE keys left out of config.json (transformers' config class values: 1 shared expert, scaling
+    # 2.5, 8 groups, top-4 groups) and a tied head with no lm_head.weight, as transformers saves one
+    "v3-keys-left-out-tied": dict(
+        overrides=dict(n_shared_experts=1, routed_scaling_factor=2.5, n_group=8, topk_group=4),
+        config=dict(n_shared_experts=None, routed_scaling_factor=None, n_group=None, topk_group=None,
+                    tie_word_embeddings=True),
+        drop=["lm_head.weight"],
+    ),
+    # YaRN with its attention factor given outright and no original_max_position_embeddings
+    # (transformers takes max_position_embeddings)
+    "v3-yarn-attention-factor": dict(
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "attention_factor": 1.3},
+    ),
 }
 
 
@@ -53,6 +72,9 @@ def _make_case(root, name):
                        max_position_embeddings=4096)
     if case.get("rope_scaling") is False:
         rewrite_config(path, rope_scaling=None)
+    rewrite_config(path, **case.get("config", {}))
+    if case.get("drop"):
+        remove_tensors(path, case["drop"])
     return path
 
 
