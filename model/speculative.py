@@ -14,10 +14,12 @@ agrees with, then adds the main model's own token after it (so a step emits 1..d
   emitted token follows ``p``, and the output is the one plain decoding gives for the seed.
 
 Drafting (``propose`` > 0): the MTP layer (DeepSeek's layer ``num_hidden_layers``) runs over every
-position whose token is now final, taking the main model's hidden state at ``p`` and the embedding
-of the token at ``p + 1``; this also fills the MTP layer's own cache. Its prediction at the last
-position is the first draft; further drafts reuse the layer on its own output hidden state and the
-previous draft, one position at a time, as far as the sequence's block table reaches.
+position whose token is now final, taking the main model's hidden state at ``p`` after the final
+norm (as DeepSeek's modelling code hands it to the MTP layer; vLLM and SGLang do the same) and the
+embedding of the token at ``p + 1``; this also fills the MTP layer's own cache. Its prediction at the
+last position is the first draft; further drafts reuse the layer on its own output hidden state
+after its head's norm and the previous draft, one position at a time, as far as the sequence's
+block table reaches.
 """
 
 from __future__ import annotations
@@ -132,8 +134,8 @@ def _draft(model, cache, works, drafting, query_starts, hidden, results, tables)
         next_ids += w.tokens[1:final] + [after]
         chains.append((w, res, w.start + final))
     mmeta = model.prepare(cache.build_meta(seqs, tables))
-    h = mtp.hidden(hidden[torch.tensor(rows, device=device)], torch.tensor(next_ids, device=device), mmeta,
-                   cache.kv[n], cache.pe[n], index_cache)
+    h = mtp.hidden(model.normed(hidden[torch.tensor(rows, device=device)]), torch.tensor(next_ids, device=device),
+                   mmeta, cache.kv[n], cache.pe[n], index_cache)
     last = torch.tensor(mmeta.query_starts[1:], device=device) - 1
     h = h[last]
     tokens = mtp.head(h).argmax(dim=-1)

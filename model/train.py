@@ -264,13 +264,14 @@ class TrainNet:
         x, aux = p["model.embed_tokens.weight"][ids], []
         for layer in range(a.num_hidden_layers):
             x = self._block(x, layer, cos, sin, aux)
-        logits = F.linear(self._rms(x, "model.norm.weight"), p["lm_head.weight"])
+        normed = self._rms(x, "model.norm.weight")
+        logits = F.linear(normed, p["lm_head.weight"])
         mtp = None
         if with_mtp and a.num_nextn_predict_layers:
             n = a.num_hidden_layers
             pre = f"model.layers.{n}."
             e = self._rms(p["model.embed_tokens.weight"][ids[:, 1:]], pre + "enorm.weight")
-            h = self._rms(x[:, :-1], pre + "hnorm.weight")
+            h = self._rms(normed[:, :-1], pre + "hnorm.weight")  # the main model's hidden after its final norm
             m = self._lin(torch.cat([e, h], dim=-1), pre + "eh_proj.weight")
             cos, sin = self._cos_sin(b, length - 1)
             m = self._block(m, n, cos, sin, aux)

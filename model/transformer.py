@@ -51,7 +51,8 @@ class SharedHead(nn.Module):
 
 class MTPBlock(Block):
     """Multi-token prediction module (layer ``num_hidden_layers``): predicts token ``t+2`` from the
-    main model's last hidden state at ``t`` and the embedding of token ``t+1``."""
+    main model's hidden state at ``t`` after its final norm (what its head reads, as DeepSeek's
+    modelling code hands it over) and the embedding of token ``t+1``."""
 
     def __init__(self, args: ModelArgs, layer_id: int, dtype: torch.dtype, fp8_block=None):
         super().__init__(args, layer_id, dtype, fp8_block)
@@ -63,18 +64,19 @@ class MTPBlock(Block):
         self.embed_tokens.weight.requires_grad_(False)
 
     def predict(self, hidden, next_ids, meta, kv_cache, pe_cache, index_cache=None) -> torch.Tensor:
-        """``hidden`` [T, hidden] from the main model, ``next_ids`` [T] -> logits [T, vocab] (float32)."""
+        """``hidden`` [T, hidden] from the main model (after its final norm), ``next_ids`` [T] ->
+        logits [T, vocab] (float32)."""
         return self.head(self.hidden(hidden, next_ids, meta, kv_cache, pe_cache, index_cache))
 
     def hidden(self, hidden, next_ids, meta, kv_cache, pe_cache, index_cache=None) -> torch.Tensor:
-        """The module's output hidden states [T, hidden] (before its head's norm): what ``head`` reads,
-        and what a further draft step takes in place of the main model's hidden state."""
+        """The module's output hidden states [T, hidden] after its head's norm: what ``head`` reads,
+        and what a further draft step takes in place of the main model's (normed) hidden state."""
         h = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(next_ids)), self.hnorm(hidden)], dim=-1))
         h, residual = self.forward(h, None, meta, kv_cache, pe_cache, True, index_cache)
-        return h + residual
+        return self.shared_head.norm(h + residual)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.shared_head.head(self.shared_head.norm(hidden)).float()
+        return self.shared_head.head(hidden).float()
 
 
 class Model(nn.Module):
@@ -154,3 +156,8 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head: [T, hidden] -> [T, vocab] float32."""
         return self.lm_head(self.model.norm(hidden)).float()
+
+    @torch.inference_mode()
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm alone: what the MTP layer takes from the main model."""
+        return self.model.norm(hidden)

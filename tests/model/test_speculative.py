@@ -36,7 +36,8 @@ def _mtp_oracle(model, tokens, next_ids):
     meta = cache.build_meta([(0, 0, len(tokens))])
     hidden = model(torch.tensor(tokens), meta, cache)
     model.prepare(meta)
-    return model.mtp_layers[0].hidden(hidden, torch.tensor(next_ids), meta, cache.kv[n], cache.pe[n]), cache, meta
+    return (model.mtp_layers[0].hidden(model.normed(hidden), torch.tensor(next_ids), meta, cache.kv[n], cache.pe[n]),
+            cache, meta)
 
 
 @torch.inference_mode()
@@ -76,6 +77,32 @@ def test_drafts_are_the_mtp_layers_predictions(llm):
             break
     assert [t for t, _, _ in r3[0].tokens] == want
     assert r3[0].accepted == len(want) - 1
+
+
+@torch.inference_mode()
+def test_the_mtp_layer_reads_the_main_models_hidden_after_its_final_norm(llm, monkeypatch):
+    """DeepSeek's modelling code hands the MTP layer the main model's hidden state after the final
+    norm (as vLLM and SGLang do); a further draft takes the layer's own output after its head's norm."""
+    model = llm.model
+    mtp = model.mtp_layers[0]
+    # a final norm whose weights are not all one, so that normed and raw hidden states differ in direction
+    weight = model.model.norm.weight
+    monkeypatch.setattr(model.model.norm, "weight", torch.nn.Parameter(
+        weight * torch.linspace(0.5, 2.0, weight.shape[0]), requires_grad=False))
+    seen, real = [], mtp.hidden
+    monkeypatch.setattr(mtp, "hidden", lambda h, *a, **k: seen.append(h.clone()) or real(h, *a, **k))
+    prompt = list(range(40, 51))
+    cache = MLACache(model.args, model.num_layers + 1, 32, 4, torch.float32)
+    cache.allocator.grow(0, 32)
+    greedy = SamplingParams(temperature=0, speculative_tokens=2)
+    run_chunks(model, cache, [ChunkWork(0, 0, prompt, True, greedy, 0, 2, None, 32)])
+    main = model(torch.tensor(prompt), *_fresh(model, len(prompt)))
+    torch.testing.assert_close(seen[0], model.model.norm(main), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(seen[0] / seen[0].norm(dim=-1, keepdim=True), main / main.norm(dim=-1, keepdim=True),
+                              atol=1e-3)
+    # the second draft's input: the first's output after the head's RMSNorm (unit RMS once its weight is divided out)
+    rms = (seen[1] / mtp.shared_head.norm.weight).pow(2).mean(dim=-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
 
 
 def _fresh(model, length):

@@ -46,7 +46,7 @@ def test_forward_matches_inference_model(tiny_dir, tiny_state):
         meta = cache.build_meta([(0, 0, len(row) - 1)])
         hidden = model(torch.tensor(row[:-1]), meta, cache)
         model.prepare(meta)
-        want = mtp_layer.predict(hidden, torch.tensor(row[1:]), meta, cache.kv[n], cache.pe[n])
+        want = mtp_layer.predict(model.normed(hidden), torch.tensor(row[1:]), meta, cache.kv[n], cache.pe[n])
         torch.testing.assert_close(mtp[0], want, atol=2e-4, rtol=1e-4)
 
 
