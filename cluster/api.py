@@ -294,6 +294,12 @@ class RayMoE:
             return [f"<{i}>" for i in ids]
         return [self.tokenizer.decode([i], skip_special_tokens=False) for i in ids]
 
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """Each token's own bytes (``Tokenizer.token_bytes``): the bytes of a part of a character too."""
+        if self.tokenizer is None:
+            return [t.encode() for t in self.token_texts(ids)]
+        return self.tokenizer.token_bytes(ids)
+
     def cluster_info(self) -> list[dict]:
         """Each actor: role, index, node, device and state (from Ray's state API when it is up)."""
         states = {}

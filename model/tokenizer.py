@@ -20,7 +20,24 @@ from tokenizers import Tokenizer as HFTokenizer
 
 _ESCAPE_OPEN, _ESCAPE_CLOSE = "\ue000", "\ue001"
 _ESCAPE = re.compile(f"{_ESCAPE_OPEN}(\\d+){_ESCAPE_CLOSE}")
-REASONING_MARKERS = ("<think>", "</think>")  # kept in assistant turns (``Tokenizer._escape_message``)
+REASONING_MARKERS = ("<think>", "</think>")
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """Byte-level BPE's alphabet: each byte is written as one printable character (printable
+    Latin-1 bytes as themselves, the other bytes as the characters from U+0100 on, in byte order)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_level_chars()  # kept in assistant turns (``Tokenizer._escape_message``)
 
 
 def _token_text(value) -> str | None:
@@ -71,6 +88,21 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """Each token's own bytes: for a token that holds part of a UTF-8 character, those bytes
+        (decoding it alone gives U+FFFD). Byte-level vocabularies map back exactly; others, and
+        added tokens, give the UTF-8 of their text."""
+        added = self._tok.get_added_tokens_decoder()
+        byte_level = type(self._tok.decoder).__name__ == "ByteLevel"
+        out = []
+        for i in ids:
+            piece = None if i in added else self._tok.id_to_token(i)
+            if byte_level and piece is not None and all(c in _BYTE_OF for c in piece):
+                out.append(bytes(_BYTE_OF[c] for c in piece))
+            else:
+                out.append(self.decode([i], skip_special_tokens=False).encode("utf-8"))
+        return out
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         if not self.chat_template:

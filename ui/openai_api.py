@@ -261,20 +261,22 @@ class OpenAIServer:
         ids = result.output_ids[:len(result.token_logprobs)]
         texts = self.llm.token_texts(ids)
         alt_ids = [[int(i) for i, _ in alt[:top]] for alt in result.top_logprobs]
-        flat = iter(self.llm.token_texts([i for row in alt_ids for i in row]))  # one call for every alternative
-        alts = [[(next(flat), lp) for _, lp in alt[:top]] for alt in result.top_logprobs]
-        if chat:
-            return {"content": [{"token": t, "logprob": lp, "bytes": list(t.encode("utf-8", "replace")),
-                                 "top_logprobs": [{"token": at, "logprob": alp, "bytes": list(at.encode("utf-8",
-                                                                                                     "replace"))}
-                                                  for at, alp in alts[k]] if k < len(alts) else []}
-                                for k, (t, lp) in enumerate(zip(texts, result.token_logprobs, strict=True))]}
+        flat_ids = [i for row in alt_ids for i in row]
+        flat = iter(zip(self.llm.token_texts(flat_ids), self.llm.token_bytes(flat_ids) if chat else flat_ids,
+                        strict=True))  # one call for every alternative
+        alts = [[(*next(flat), lp) for _, lp in alt[:top]] for alt in result.top_logprobs]
+        if chat:  # "bytes": the token's own bytes, so that pieces of one character join up again
+            return {"content": [{"token": t, "logprob": lp, "bytes": list(b),
+                                 "top_logprobs": [{"token": at, "logprob": alp, "bytes": list(ab)}
+                                                  for at, ab, alp in alts[k]] if k < len(alts) else []}
+                                for k, (t, b, lp) in enumerate(zip(texts, self.llm.token_bytes(ids),
+                                                                   result.token_logprobs, strict=True))]}
         offsets, pos = [], offset0
         for t in texts:
             offsets.append(pos)
             pos += len(t)
         return {"tokens": texts, "token_logprobs": list(result.token_logprobs),
-                "top_logprobs": [dict(a) for a in alts] if top else None, "text_offset": offsets}
+                "top_logprobs": [{t: lp for t, _, lp in a} for a in alts] if top else None, "text_offset": offsets}
 
     @staticmethod
     def _finish_reason(result) -> str:
@@ -385,8 +387,9 @@ class OpenAIServer:
                     results[index] = ev.result
             choices = []
             for i, r in enumerate(results):
-                choice = {"index": i, "finish_reason": self._finish_reason(r),
-                          "logprobs": self._logprobs(r, top, chat) if want else None}
+                # decoding every token and alternative takes a while: off the event loop
+                logprobs = await asyncio.to_thread(self._logprobs, r, top, chat) if want else None
+                choice = {"index": i, "finish_reason": self._finish_reason(r), "logprobs": logprobs}
                 if chat:
                     choice["message"] = {"role": "assistant", "content": r.text}
                 else:
@@ -447,7 +450,7 @@ class OpenAIServer:
                     if r.error:
                         yield error(f"The request failed in the cluster: {r.error}")
                         return
-                    logprobs = self._logprobs(r, top, chat) if want else None
+                    logprobs = await asyncio.to_thread(self._logprobs, r, top, chat) if want else None
                     if ev.text:
                         texts[index] += ev.text
                     # the last piece of text goes with the finish reason; logprobs of the whole choice

@@ -115,6 +115,18 @@ def test_real_tokenizer_matches_transformers():
     assert tok.encode_chat(msgs) == hf.apply_chat_template(msgs, add_generation_prompt=True)["input_ids"]
 
 
+def test_token_bytes_join_up_to_the_text_where_single_tokens_decode_to_replacement_characters():
+    tok = Tokenizer.from_dir(_deepseek_dir())
+    text = "你好, naïve 🦩 𓀀 ꙮ <｜User｜>"
+    ids = tok.encode(text, add_bos=False)
+    assert any("\ufffd" in tok.decode([i]) for i in ids), "the text has characters split across tokens"
+    pieces = tok.token_bytes(ids)
+    assert b"".join(pieces).decode("utf-8") == text
+    # and each token's bytes are the UTF-8 of its text wherever that text is whole
+    assert all(p.decode("utf-8") == tok.decode([i], skip_special_tokens=False)
+               for i, p in zip(ids, pieces, strict=True) if "\ufffd" not in tok.decode([i]))
+
+
 def _control_ids(tok: Tokenizer, ids: list[int]) -> list[int]:
     added = set(tok._tok.get_added_tokens_decoder())
     return [i for i in ids if i in added]

@@ -36,6 +36,9 @@ class FakeLLM:
     def token_texts(self, ids: list[int]) -> list[str]:
         return [f"<{i}>" for i in ids]
 
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        return [t.encode() for t in self.token_texts(ids)]
+
     def cancel(self, request_id: int) -> None:
         self.cancelled.append(request_id)
 

@@ -103,6 +103,9 @@ def test_logprobs(served, client, model):
         assert c.logprob == pytest.approx(lp, abs=1e-5)
         assert [t.logprob for t in c.top_logprobs] == pytest.approx([x[1] for x in top], abs=1e-5)
         assert c.top_logprobs[0].token == c.token  # greedy: the picked token is the most likely
+        assert c.top_logprobs[0].bytes == c.bytes
+    # each token's own bytes (Tokenizer.token_bytes: a piece of a character too, not U+FFFD's)
+    assert [bytes(c.bytes) for c in content] == llm.token_bytes(expected.output_ids[:len(content)])
     cr = client.completions.create(model=model, prompt="Hello", temperature=0, max_tokens=4, logprobs=2)
     lp = cr.choices[0].logprobs
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
