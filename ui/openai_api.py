@@ -36,6 +36,7 @@ from cluster.api import ClusterUnavailable, SamplingParams
 from ui.chat import ChatError, check_messages, check_text
 
 MAX_N = 16
+MAX_BODY_BYTES = 32 * 2**20  # a chat at its cap of characters fits several times over
 MAX_STOP = 16
 MAX_LOGPROBS = 20
 
@@ -139,8 +140,14 @@ class OpenAIServer:
                            code="invalid_api_key")
 
     async def _body(self, request: Request) -> dict:
+        raw = bytearray()
+        async for chunk in request.stream():  # read up to the cap, never the whole of a larger body
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:
+                raise APIError(413, f"The request body is over {MAX_BODY_BYTES // 2**20} MiB; send a shorter prompt",
+                               code="request_too_large")
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError, RecursionError):
             raise APIError(400, "The request body is not valid JSON (or nested too deeply)") from None
         if not isinstance(body, dict):

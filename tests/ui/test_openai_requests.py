@@ -232,3 +232,15 @@ def test_best_of_is_one_as_an_integer(best_of, problem):
     assert problem in _error(api.post(COMPLETION[0], json={**COMPLETION[1], "best_of": best_of}), 400, "best_of")
     assert llm.submitted == []
     assert api.post(COMPLETION[0], json={**COMPLETION[1], "best_of": 1}).status_code == 200
+
+
+def test_a_body_over_the_cap_is_a_413_read_no_further(monkeypatch):
+    import ui.openai_api
+
+    monkeypatch.setattr(ui.openai_api, "MAX_BODY_BYTES", 1000)
+    llm, api = _api()
+    body = json.dumps({**CHAT[1], "messages": [{"role": "user", "content": "x" * 2000}]}).encode()
+    r = _raw(api, CHAT[0], body)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", r.text
+    assert not llm.submitted
+    assert _raw(api, CHAT[0], json.dumps(CHAT[1]).encode()).status_code == 200
