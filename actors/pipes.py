@@ -49,6 +49,7 @@ class PipeGroup:
         items = []
         for queues, ops in ((self.sendq, sends), (self.recvq, recvs)):
             for peer, t in ops:
+                assert t.is_contiguous(), "a pipe reads into and writes from contiguous tensors only"
                 item = [memoryview(t.reshape(-1).numpy()), 0]
                 queues[peer].append(item)
                 items.append(item)

@@ -44,9 +44,19 @@ def test_cluster_matches_single_process(ray_local, tiny_dir, tiny_fp8_dir, refer
         results = [llm.result(i) for i in ids]
         stats = llm.stats()
     _assert_same(results, reference[ckpt])
+    assert stats["layout"]["transport"] == "pipes"  # every actor on this host: the rows went over pipes
     assert stats["totals"]["tokens_generated"] == 8 * len(PROMPTS)
     if shards > 1:  # the requests were spread over the shards
         assert stats["totals"]["steps"] < 8 * len(PROMPTS)
+
+
+def test_cluster_over_gloo_matches_single_process(ray_local, tiny_dir, reference):
+    """``local_pipes: false``: the same rows over gloo's point-to-point."""
+    with RayMoE.start(tiny_dir, attention_shards=2, expert_actors=2, dtype="float32", max_batch_tokens=16,
+                      local_pipes=False) as llm:
+        assert llm.describe()["transport"] == "gloo"
+        results = llm.generate(PROMPTS, GREEDY)
+    _assert_same(results, reference["bf16"])
 
 
 def test_cluster_matches_single_process_on_v2_lite_routing(ray_local, tmp_path):
