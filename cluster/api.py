@@ -25,7 +25,7 @@ from cluster.layout import ClusterLayout
 from cluster.rebalance import PlacementSwitch
 from cluster.scheduler import Scheduler
 from model.checkpoint import validate_checkpoint
-from model.config import ModelArgs
+from model.config import ModelArgs, generation_defaults
 from model.sampling import SamplingParams
 from model.sequence import GenerationResult
 from model.tokenizer import Tokenizer, encode_prompt
@@ -68,6 +68,7 @@ class RayMoE:
         self.engine, self._started_ray = engine, started_ray
         self._scale_lock = threading.Lock()
         self.started_at = time.time()
+        self.generation_defaults = generation_defaults(model_dir)
         self.dashboard_url: str | None = None
         self._replace_actors(attention, experts)
 
@@ -286,7 +287,7 @@ class RayMoE:
                                            self.layout.num_blocks * self.layout.block_size),
                 "attention_shards": self.layout.attention_shards, "expert_actors": len(self.experts),
                 "transport": self._plane.transport, "has_tokenizer": self.tokenizer is not None,
-                "started_at": self.started_at}
+                "started_at": self.started_at, "generation_defaults": self.generation_defaults}
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's text on its own (a token that holds part of a character shows U+FFFD)."""

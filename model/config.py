@@ -210,6 +210,29 @@ def yarn_mscale(factor: float, mscale: float) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
+    """What the checkpoint's ``generation_config.json`` says about sampling, as vLLM applies it to
+    requests that leave a value out: ``temperature``, ``top_p``, ``top_k`` where it sets them (in
+    range), and ``eos_token_ids``, every id it gives (an id or a list). A missing or unreadable file
+    sets nothing."""
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        cfg = read_json_object(path) if path.exists() else {}
+    except ValueError:
+        return {}
+    out: dict[str, Any] = {}
+    for key, ok in (("temperature", lambda v: 0 <= v <= 2), ("top_p", lambda v: 0 < v <= 1),
+                    ("top_k", lambda v: v >= -1 and float(v).is_integer())):
+        value = cfg.get(key)
+        if type(value) in (int, float) and math.isfinite(value) and ok(value):
+            out[key] = int(value) if key == "top_k" else float(value)
+    eos = cfg.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    if ids and all(type(i) is int and i >= 0 for i in ids):
+        out["eos_token_ids"] = ids
+    return out
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``; anything else is a ``ValueError`` naming the file."""
     try:

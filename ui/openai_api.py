@@ -128,6 +128,8 @@ class OpenAIServer:
         self.model_name = model_name or info["model"]
         self.max_context = info.get("max_sequence_tokens", info["max_context"])
         self.vocab_size = info.get("vocab_size")  # bounds stop_token_ids where the cluster says it
+        # the checkpoint's generation_config.json: defaults for values a request leaves out, as vLLM
+        self.defaults = info.get("generation_defaults") or {}
         self.created = int(info["started_at"])
 
     # plumbing
@@ -180,15 +182,18 @@ class OpenAIServer:
         if max_tokens is not None and max_tokens > room:
             raise _bad(key, f"{key} {max_tokens} + the prompt's {prompt_len} tokens exceed the "
                             f"{self.max_context} tokens a sequence may hold here; ask for at most {room}")
-        temperature = _get(body, "temperature", float, 1.0, lo=0, hi=2)
-        top_p = _get(body, "top_p", float, 1.0, lo=0, hi=1)
+        d = self.defaults
+        temperature = _get(body, "temperature", float, d.get("temperature", 1.0), lo=0, hi=2)
+        top_p = _get(body, "top_p", float, d.get("top_p", 1.0), lo=0, hi=1)
         if top_p == 0:
             raise _bad("top_p", "'top_p' must be > 0")
-        top_k = _get(body, "top_k", int, 0, lo=-1)
+        top_k = _get(body, "top_k", int, d.get("top_k", 0), lo=-1)
         seed = _get(body, "seed", int, None, lo=-(2**63), hi=2**63 - 1)
         n = _get(body, "n", int, 1, lo=1, hi=MAX_N)
         stop, stop_token_ids = self._stops(body)
         ignore_eos = _get(body, "ignore_eos", bool, False)
+        if not ignore_eos:  # every end-of-sequence id generation_config.json names ends a choice too
+            stop_token_ids += tuple(i for i in d.get("eos_token_ids", ()) if i not in stop_token_ids)
         skip_special_tokens = _get(body, "skip_special_tokens", bool, True)
         if chat:
             want = _get(body, "logprobs", bool, False)

@@ -111,3 +111,17 @@ def test_config_file_not_an_object(tmp_path, text, kind):
     message = f"{tmp_path / 'config.json'} must hold a JSON object, got {kind}"
     with pytest.raises(ValueError, match=re.escape(message)):
         ModelArgs.from_hf(tmp_path / "config.json")
+
+
+def test_generation_defaults_read_what_generation_config_sets(tmp_path):
+    from model.config import generation_defaults
+
+    assert generation_defaults(tmp_path) == {}  # no file
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 40, "eos_token_id": [1, 7]}))
+    assert generation_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.95, "top_k": 40, "eos_token_ids": [1, 7]}
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 9, "top_p": 0, "top_k": 2.5, "eos_token_id": 1}))  # out of range: left to the request
+    assert generation_defaults(tmp_path) == {"eos_token_ids": [1]}
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert generation_defaults(tmp_path) == {}

@@ -8,8 +8,9 @@ from types import SimpleNamespace
 class FakeLLM:
     """Replies with ``reply`` in pieces of ``piece`` characters and records what it was sent."""
 
-    def __init__(self, reply: str = "Hello there, I am fake.", piece: int = 4):
+    def __init__(self, reply: str = "Hello there, I am fake.", piece: int = 4, generation_defaults=None):
         self.reply, self.piece = reply, piece
+        self.generation_defaults = generation_defaults or {}
         self.submitted: list[tuple[list[dict], object]] = []
         self.cancelled: list[int] = []
         self.model_dir = Path("/fake/tiny")
@@ -53,7 +54,7 @@ class FakeLLM:
         return {"model": self.model_dir.name, "model_dir": str(self.model_dir), "model_type": "deepseek_v3",
                 "n_routed_experts": 8, "max_context": 4096, "max_sequence_tokens": 4096,
                 "attention_shards": 1, "expert_actors": 2,
-                "has_tokenizer": True, "started_at": 0.0}
+                "has_tokenizer": True, "started_at": 0.0, "generation_defaults": self.generation_defaults}
 
     def health(self) -> dict:
         return {"state": "healthy", "error": None}
