@@ -37,7 +37,7 @@ def _snap_e4m3(y):
 
 @triton.jit
 def _act_quant_kernel(x_ptr, y_ptr, s_ptr, K, n_blocks, BLOCK: tl.constexpr, UE8M0: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)  # row * K past 2^31 elements stays exact
     blk = tl.program_id(1)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < K

@@ -13,10 +13,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _index_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, out_ptr, H, D, L, NB,
+def _index_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, slots_stride, out_ptr, H, D, L, NB,
                          HAS_SCALES: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # n * L overflows int32 past 2^31 scores
     nb = tl.program_id(1)
     hh = tl.arange(0, BLOCK_H)
     dd = tl.arange(0, BLOCK_D)
@@ -25,7 +25,7 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, out_ptr, H, D, 
                 other=0.0).to(tl.float32)  # [BH, BD]
     w = tl.load(w_ptr + n * H + hh, mask=h_mask, other=0.0).to(tl.float32)  # [BH]
     cols = nb * BLOCK_N + tl.arange(0, BLOCK_N)
-    slot = tl.load(slots_ptr + n * L + cols, mask=cols < L, other=-1).to(tl.int64)
+    slot = tl.load(slots_ptr + n * slots_stride + cols, mask=cols < L, other=-1).to(tl.int64)
     valid = slot >= 0
     slot = tl.where(valid, slot, 0)
     k = tl.load(k_ptr + slot[:, None] * D + dd[None, :], mask=valid[:, None] & d_mask[None, :],
@@ -57,7 +57,10 @@ def index_scores(q: torch.Tensor, weights: torch.Tensor, key_pool: torch.Tensor,
     block_d = max(16, triton.next_power_of_2(d))
     block_n = 32
     grid = (n, triton.cdiv(length, block_n))
-    _index_scores_kernel[grid](q, weights, keys, scales, slots.contiguous(), out, h, d, length,
+    if slots.stride(-1) != 1:
+        slots = slots.contiguous()
+    # a row stride of 0 (one context's slots expanded to every query) reads the one row, never copied out
+    _index_scores_kernel[grid](q, weights, keys, scales, slots, slots.stride(0), out, h, d, length,
                                -(-d // 128), HAS_SCALES=key_scales is not None, BLOCK_H=block_h,
                                BLOCK_D=block_d, BLOCK_N=block_n)
     return out

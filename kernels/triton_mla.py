@@ -60,7 +60,7 @@ def _mla_decode_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, bt_ptr, lens_ptr, out_ptr
                        H, R, P, bt_stride, block_size, scale,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_P: tl.constexpr, DOT: tl.constexpr):
-    b = tl.program_id(0)
+    b = tl.program_id(0).to(tl.int64)  # offsets past 2^31 elements stay exact
     hg = tl.program_id(1)
     heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = heads < H
@@ -110,7 +110,7 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
 def _mla_sparse_kernel(q_ptr, qpe_ptr, kv_ptr, pe_ptr, slots_ptr, out_ptr, H, R, P, K, scale,
                        BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_P: tl.constexpr, DOT: tl.constexpr):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)
     hg = tl.program_id(1)
     heads = hg * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = heads < H

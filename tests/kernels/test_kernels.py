@@ -225,3 +225,7 @@ def test_index_scores_against_twin_and_float64(fp8):
                 s = (q[n].double() @ k64[slots[n, j]]).clamp(min=0)
                 magnitude = float(w[n].double().abs() @ s) + 1.0  # float32 sums: relative to the terms
                 assert abs(float(w[n].double() @ s) - float(want[n, j])) < 1e-6 * magnitude
+    # one context's slots expanded to every query (stride 0, as the indexer passes them): read, not copied
+    shared = slots[1][None, :].expand(rows, -1)
+    torch.testing.assert_close(triton_index.index_scores(q, w, keys, shared, scales),
+                               ref.index_scores(q, w, keys, shared, scales), atol=1e-4, rtol=1e-4)
