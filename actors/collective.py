@@ -62,7 +62,7 @@ def init_group(info: GroupInfo, master_addr: str, master_port: int) -> dist.Proc
         torch.cuda.set_device(0)
         dist.barrier(device_ids=[0])
     elif info.pipes:
-        _pipes = open_pipes(info.rank, info.world_size, info.timeout_s)
+        _pipes = open_pipes(info.rank, info.world_size, info.num_attention, info.timeout_s)
     return _pipes or dist.group.WORLD
 
 
@@ -129,13 +129,20 @@ class Exchange:
     def start(self) -> Callable[[], None]:
         """Post every send and receive added so far; returns the function that waits for all of them
         (the tensors stay referenced until then)."""
-        if isinstance(self.group, PipeGroup):
-            return self.group.post(self.sends, self.recvs)
-        ops = [dist.P2POp(dist.isend, t, peer, self.group) for peer, t in self.sends]
-        ops += [dist.P2POp(dist.irecv, t, peer, self.group) for peer, t in self.recvs]
+        sends, recvs, group, by_pipe = self.sends, self.recvs, self.group, None
+        if isinstance(group, PipeGroup):  # the small messages by pipe, the others by gloo (PipeGroup.fits)
+            pipes, group = group, dist.group.WORLD
+            by_pipe = pipes.post([(p, t) for p, t in sends if pipes.fits(p, t.numel(), True)],
+                                 [(p, t) for p, t in recvs if pipes.fits(p, t.numel(), False)])
+            sends = [(p, t) for p, t in sends if not pipes.fits(p, t.numel(), True)]
+            recvs = [(p, t) for p, t in recvs if not pipes.fits(p, t.numel(), False)]
+        ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
+        ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs]
         works = dist.batch_isend_irecv(ops) if ops else []
 
         def wait() -> None:
+            if by_pipe is not None:
+                by_pipe()
             for work in works:
                 work.wait()
         return wait

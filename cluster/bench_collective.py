@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, row_counts: list[int], repeats: in
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    pipes = open_pipes(rank, world, 120.0)
+    pipes = open_pipes(rank, world, 1, 120.0)
     rows_out = []
     for rows in row_counts:
         for mode in MODES:

@@ -33,7 +33,7 @@ def _worker(rank: int, port: int) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    pipes = open_pipes(rank, WORLD, timeout_s=60)
+    pipes = open_pipes(rank, WORLD, num_attention=1, timeout_s=60)
     assert pipes is not None, "three processes on one host got no pipes"
     width = 64
     for round_ in (0, 1):
@@ -64,6 +64,36 @@ def _worker(rank: int, port: int) -> None:
         expected = torch.cat([_rows(src + 10 * salt, rank, recv_l[src], width) for src in range(WORLD)])
         assert torch.equal(received(), expected), f"rank {rank}: exchange {salt} got the other's bytes"
 
+    # rows between shard (0) and expert actors take pipes of 1 MiB, the counts' pipes keep 64 KiB; a
+    # message over half its pipe goes by gloo, whose thread moves it while this rank computes
+    assert pipes.out_limit[1 if rank == 0 else 0] == (1 << 20) // 2
+    if rank != 0:
+        assert pipes.out_limit[3 - rank] == (1 << 16) // 2
+    big = Exchange(pipes)
+    n_big = (1 << 20) // width if rank == 0 else 0
+    big.rows(torch.ones(n_big, width, dtype=torch.uint8), [0, n_big, 0] if rank == 0 else [0] * WORLD,
+             [0, 0, 0] if rank != 1 else [(1 << 20) // width, 0, 0])
+    got_big = big.rows(torch.empty(0, width, dtype=torch.uint8), [0] * WORLD, [0] * WORLD)
+    done_big = big.start()
+    assert not any(pipes.sendq.values()) and not any(pipes.recvq.values()), "a 1 MiB message went by pipe"
+    done_big()
+    assert got_big().shape[0] == 0
+
+    # both ends disagreeing on a message's size fails at once (gloo aborts too), not a shifted stream
+    dist.barrier()
+    if rank == 0:
+        all_to_all_rows(torch.zeros(3, width, dtype=torch.uint8), [0, 3, 0], [0] * WORLD, pipes)
+    elif rank == 1:
+        try:
+            all_to_all_rows(torch.empty(0, width, dtype=torch.uint8), [0] * WORLD, [5, 0, 0], pipes)
+        except RuntimeError as e:
+            assert "disagree" in str(e), str(e)
+        else:
+            raise AssertionError("a message of another size was taken")
+    dist.barrier()
+    pipes.close()  # the pair 0 -> 1 is out of step now
+    pipes = open_pipes(rank, WORLD, num_attention=1, timeout_s=60)
+
     # a peer that goes away: the ranks waiting on it fail at once, naming it
     dist.barrier()
     if rank == 2:
@@ -77,10 +107,27 @@ def _worker(rank: int, port: int) -> None:
             raise AssertionError(f"rank {rank}: a receive from a closed peer returned")
         pipes.close()
     dist.barrier()
+
+    # rank 0 cannot make the FIFOs: every rank gets None (gloo alone), none hangs, nothing is left behind
+    import glob
+    import tempfile
+
+    import actors.pipes
+
+    before = set(glob.glob(f"{tempfile.gettempdir()}/raymoe-pipes-*"))
+    if rank == 0:
+        def no_fifos(*args, **kwargs):
+            raise OSError("FIFOs are not supported here")
+        actors.pipes.os.mkfifo = no_fifos
+    assert open_pipes(rank, WORLD, num_attention=1, timeout_s=60) is None
+    dist.barrier()
+    assert set(glob.glob(f"{tempfile.gettempdir()}/raymoe-pipes-*")) <= before
     dist.destroy_process_group()
 
 
 def test_pipes_deliver_what_gloo_delivers_in_order_and_fail_fast_on_a_gone_peer():
+    """Also: large messages go by gloo, a size disagreement fails, and a rank that cannot make the
+    pipes leaves every rank on gloo."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
