@@ -31,6 +31,8 @@ class StreamEvent:
     token_ids: list[int]  # new token ids
     finished: bool = False
     result: GenerationResult | None = None
+    # with logprobs asked for: per new token, its logprob and its top alternatives [[id, logprob], ...]
+    logprobs: list[tuple[float, list]] | None = None
 
 
 class ClusterUnavailable(RuntimeError):
@@ -445,9 +447,12 @@ class Engine:
                 req.first_token_at = now
                 self.ttft.append(now - req.submitted)
                 self._new_ttft.append(now - req.submitted)
-            for token, piece in appended:
-                self.scheduler.appended(req.seq.seq_id)
-                req.events.put(StreamEvent(piece, [token]))
+            seq = req.seq
+            at = len(seq.output_ids) - len(appended)  # the first appended token's position
+            for j, (token, piece) in enumerate(appended):
+                self.scheduler.appended(seq.seq_id)
+                lp = [(seq.token_logprobs[at + j], seq.top_logprobs[at + j])] if seq.params.logprobs else None
+                req.events.put(StreamEvent(piece, [token], logprobs=lp))
             self.scheduler.settle(req.seq.seq_id)
             if req.seq.finished:
                 self._finish(req)

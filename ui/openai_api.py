@@ -269,25 +269,32 @@ class OpenAIServer:
             t.start()
         return queue, threads
 
-    def _logprobs(self, result, top: int, chat: bool, offset0: int = 0):
-        ids = result.output_ids[:len(result.token_logprobs)]
+    def _logprobs(self, result, top: int, chat: bool, offset0: int = 0, start: int = 0):
+        """The ``logprobs`` of a choice's tokens from position ``start`` on (a stream sent the ones
+        before with their chunks); ``offset0``: the text offset of the first (completions)."""
+        n = len(result.token_logprobs)
+        return self._logprobs_of(result.output_ids[start:n], result.token_logprobs[start:],
+                                 result.top_logprobs[start:], top, chat, offset0)
+
+    def _logprobs_of(self, ids: list[int], token_logprobs: list[float], top_logprobs: list, top: int, chat: bool,
+                     offset0: int = 0):
         texts = self.llm.token_texts(ids)
-        alt_ids = [[int(i) for i, _ in alt[:top]] for alt in result.top_logprobs]
+        alt_ids = [[int(i) for i, _ in alt[:top]] for alt in top_logprobs]
         flat_ids = [i for row in alt_ids for i in row]
         flat = iter(zip(self.llm.token_texts(flat_ids), self.llm.token_bytes(flat_ids) if chat else flat_ids,
                         strict=True))  # one call for every alternative
-        alts = [[(*next(flat), lp) for _, lp in alt[:top]] for alt in result.top_logprobs]
+        alts = [[(*next(flat), lp) for _, lp in alt[:top]] for alt in top_logprobs]
         if chat:  # "bytes": the token's own bytes, so that pieces of one character join up again
             return {"content": [{"token": t, "logprob": lp, "bytes": list(b),
                                  "top_logprobs": [{"token": at, "logprob": alp, "bytes": list(ab)}
                                                   for at, ab, alp in alts[k]] if k < len(alts) else []}
                                 for k, (t, b, lp) in enumerate(zip(texts, self.llm.token_bytes(ids),
-                                                                   result.token_logprobs, strict=True))]}
+                                                                   token_logprobs, strict=True))]}
         offsets, pos = [], offset0
         for t in texts:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": texts, "token_logprobs": list(result.token_logprobs),
+        return {"tokens": texts, "token_logprobs": list(token_logprobs),
                 "top_logprobs": [{t: lp for t, _, lp in a} for a in alts] if top else None, "text_offset": offsets}
 
     @staticmethod
@@ -445,6 +452,7 @@ class OpenAIServer:
 
         queue, _ = self._events(ids)
         texts = [""] * len(ids)
+        sent = [0] * len(ids)  # per choice, the tokens whose logprobs went out with their chunks
         completion = 0
         try:
             if chat:
@@ -462,11 +470,22 @@ class OpenAIServer:
                     if r.error:
                         yield error(f"The request failed in the cluster: {r.error}")
                         return
-                    logprobs = await asyncio.to_thread(self._logprobs, r, top, chat) if want else None
+                    logprobs = await asyncio.to_thread(self._logprobs, r, top, chat, len(texts[index]),
+                                                       sent[index]) if want else None
                     if ev.text:
                         texts[index] += ev.text
-                    # the last piece of text goes with the finish reason; logprobs of the whole choice
+                    # the last piece of text goes with the finish reason, and the logprobs of the tokens
+                    # not sent yet
                     yield chunk(index, ev.text, "length" if r.finish_reason == "length" else "stop", logprobs)
+                elif want and getattr(ev, "logprobs", None):
+                    # each token's logprobs with its chunk, as vLLM streams them (its text may be held back:
+                    # part of a character or of a stop string; the chunk then has logprobs and no text)
+                    lps = ev.logprobs
+                    logprobs = await asyncio.to_thread(self._logprobs_of, ev.token_ids, [lp for lp, _ in lps],
+                                                       [alt for _, alt in lps], top, chat, len(texts[index]))
+                    sent[index] += len(ev.token_ids)
+                    texts[index] += ev.text
+                    yield chunk(index, ev.text, logprobs=logprobs)
                 elif ev.text:
                     texts[index] += ev.text
                     yield chunk(index, ev.text)

@@ -73,6 +73,24 @@ def test_chat_streaming_chunks(served, client, model):
     assert chunks[-1].usage.prompt_tokens == len(expected.prompt_ids)
 
 
+def test_streamed_logprobs_come_with_their_chunks(served, client, model):
+    """As vLLM streams them: each token's logprobs in the chunk of that token (not all in the last),
+    the same values as the request without streaming, and the same text."""
+    llm = served["llm"]
+    expected = llm.generate([MESSAGES], SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True,
+                                                       logprobs=2))[0]
+    chunks = [c for c in client.chat.completions.create(
+        model=model, messages=MESSAGES, temperature=0, max_tokens=12, stream=True, logprobs=True, top_logprobs=2,
+        extra_body={"ignore_eos": True}) if c.choices]
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert sum(1 for c in chunks if c.choices[0].logprobs and c.choices[0].logprobs.content) > 1
+    assert [t.logprob for t in streamed] == pytest.approx(expected.token_logprobs, abs=1e-5)
+    assert [a.logprob for t in streamed for a in t.top_logprobs] == pytest.approx(
+        [lp for top in expected.top_logprobs for _, lp in top], abs=1e-5)
+    assert [bytes(t.bytes) for t in streamed] == llm.token_bytes(expected.output_ids)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+
+
 def test_completions_with_n_and_seed(served, client, model):
     llm = served["llm"]
     prompt = "The expert actor"
