@@ -52,7 +52,8 @@ def _ensure_ray(address: str | None, loopback: bool = True) -> tuple[bool, str |
 
             os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
             ray_constants.ENABLE_RAY_CLUSTER = False
-        ctx = ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+        # "local": a new instance of our own, never a `ray start` cluster already running on this machine
+        ctx = ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
         started = True
     url = getattr(ctx, "dashboard_url", None)
     return started, (f"http://{url}" if url and not url.startswith("http") else url)

@@ -306,7 +306,8 @@ def run_batch(llm, input_path: Path, output_path: Path, defaults: SamplingParams
     state = scan_output(output_path)
     repair_output(output_path, state)
     items, summary = select_items(list(read_input(input_path, defaults)), state)
-    summary.update(ok=0, failed=0, tokens=0)
+    summary.update(ok=0, failed=0, cluster_failed=0, tokens=0)  # failed: every error record; cluster_failed: those
+    # the cluster failed (lost actors past recovery, ...), not the line's input
     t0 = time.perf_counter()
     bar = tqdm(total=len(items), desc="batch", unit="req", disable=not progress, file=sys.stderr,
                mininterval=1.0)
@@ -329,15 +330,18 @@ def run_batch(llm, input_path: Path, output_path: Path, defaults: SamplingParams
                     continue
                 try:
                     in_flight.add(llm.submit(item.prompt, item.params), item)
-                except Exception as e:  # noqa: BLE001 - any bad input fails its own line, never the batch
+                except ValueError as e:  # bad input (a prompt past the context, say) fails its own line
+                    write({"id": item.id, "line": item.line, "error": str(e) or type(e).__name__})
+                except Exception as e:  # noqa: BLE001 - the cluster could not take it: this line only, too
+                    summary["cluster_failed"] += 1
                     write({"id": item.id, "line": item.line, "error": str(e) or type(e).__name__})
             if not in_flight:
                 continue
             item, result = in_flight.next()  # whichever finished first; the loop then refills
-            if isinstance(result, Exception):
-                write({"id": item.id, "line": item.line, "error": str(result) or type(result).__name__})
-            elif result.error:
-                write({"id": item.id, "line": item.line, "error": result.error})
+            if isinstance(result, Exception) or result.error:  # failed in the cluster, not for its input
+                summary["cluster_failed"] += 1
+                error = result.error if not isinstance(result, Exception) else str(result) or type(result).__name__
+                write({"id": item.id, "line": item.line, "error": error})
             else:
                 summary["tokens"] += len(result.output_ids)
                 write(_result_record(item, result))
@@ -354,10 +358,15 @@ def main(args) -> int:
     input_path, output_path = Path(args.input), Path(args.output)
     check_paths(input_path, output_path)  # before the cluster starts
     defaults = sampling_from(args)
+    print("starting the cluster ...", file=sys.stderr, flush=True)
     with RayMoE.start(model_dir(args), args.layout, address=args.address, **layout_overrides(args)) as llm:
         summary = run_batch(llm, input_path, output_path, defaults, progress=not args.no_progress)
     print(f"batch done: {summary['ok']} ok, {summary['failed']} failed, {summary['already_done']} already done "
           f"(skipped), {summary['retried']} retried, {summary['duplicate_ids']} duplicate ids ignored, "
           f"{summary['tokens']} tokens in "
           f"{summary['seconds']:.1f} s = {summary['tokens_per_s']:.1f} tokens/s; results in {output_path}", flush=True)
+    if summary["cluster_failed"]:  # the run (a Ray job's status) fails; a re-run retries just those lines
+        print(f"error: {summary['cluster_failed']} line(s) failed in the cluster, not for their input; run the same "
+              "command again to retry them", file=sys.stderr)
+        return 1
     return 0

@@ -18,12 +18,6 @@ def cmd_make_tiny(args) -> int:
     return 0
 
 
-def cmd_train_tiny(args) -> int:
-    from model.train import main as train_main
-
-    return train_main(args.rest)
-
-
 def cmd_generate(args) -> int:
     from model.generate import LocalLLM
 
@@ -32,19 +26,26 @@ def cmd_generate(args) -> int:
         try:
             prompts.append([int(t) for t in ids.split(",") if t.strip()])
         except ValueError:
-            raise SystemExit(f"error: --prompt-ids takes comma-separated integers, got {ids!r}") from None
+            raise ValueError(f"--prompt-ids takes comma-separated integers, got {ids!r}") from None
     if not prompts:
-        raise SystemExit("error: give at least one --prompt TEXT or --prompt-ids 1,2,3")
+        raise ValueError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
     params = sampling_from(args)
     if args.chat:
         prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     if args.local:
-        llm = LocalLLM(model_dir(args), dtype=args.dtype or "bfloat16", progress=not args.json,
-                       speculative_tokens=args.speculative_tokens or 0)
+        cluster_only = [flag for flag, value in layout_overrides(args).items()
+                        if value is not None and flag not in ("dtype", "device", "speculative_tokens")]
+        if cluster_only or args.layout or args.address:
+            names = [f"--{f.replace('_', '-')}" for f in cluster_only] + (["--layout"] if args.layout else []) + (
+                ["--address"] if args.address else [])
+            raise ValueError(f"{', '.join(names)} set(s) up a cluster; --local runs one process: drop one or the other")
+        llm = LocalLLM(model_dir(args), dtype=args.dtype or "bfloat16", device=args.device or "cpu",
+                       progress=not args.json, speculative_tokens=args.speculative_tokens or 0)
         results = llm.generate(prompts, params)
     else:
         from cluster.api import RayMoE
 
+        print("starting the cluster ...", file=sys.stderr, flush=True)
         with RayMoE.start(model_dir(args), args.layout, address=args.address, **layout_overrides(args)) as llm:
             results = llm.generate(prompts, params)
     for r in results:
@@ -53,7 +54,9 @@ def cmd_generate(args) -> int:
         else:
             print(r.text)
             print(f"[{len(r.output_ids)} tokens, finish: {r.finish_reason}]", file=sys.stderr)
-    return 0
+        if r.error:
+            print(f"error: {r.error}", file=sys.stderr)
+    return 1 if any(r.error for r in results) else 0
 
 
 def cmd_bench(args) -> int:
@@ -104,10 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hot-bias", type=float, default=1.0, help="gate bias added to each hot expert (default 1.0)")
     p.set_defaults(func=cmd_make_tiny)
 
-    p = sub.add_parser("train-tiny", add_help=False,
-                       help="train the default model on Shakespeare's plays (python -m model.train --help)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_train_tiny)
+    sub.add_parser("train-tiny", add_help=False,  # its own parser: main() hands it the rest of the line
+                   help="train the default model on Shakespeare's plays (raymoe train-tiny --help)")
 
     p = sub.add_parser("generate", help="generate text for prompts")
     p.add_argument("--model", help="checkpoint folder (default: the default model, model/weights/shakespeare)")
@@ -154,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks: print a table and write JSON")
     p.add_argument("what", choices=["generate", "cluster", "balance", "sparse", "kernels", "spec", "collective"])
     p.add_argument("--ks", default=None, help="spec: draft tokens per step to measure (default 1,2,3)")
-    p.add_argument("--decode-steps", default=None, help="cluster: model steps per actor call to measure (1,4)")
-    p.add_argument("--micro-batches", default=None, help="cluster: micro-batches per shard to measure (1,2)")
+    p.add_argument("--decode-steps", default=None,
+                   help="cluster: model steps per actor call to measure, e.g. 1,4 (default 1)")
+    p.add_argument("--micro-batches", default=None,
+                   help="cluster: micro-batches per shard to measure, e.g. 1,2 (default 1)")
     p.add_argument("--transports", default=None,
                    help="cluster: what rows travel over on one host, to measure (pipes,gloo; default pipes)")
     p.add_argument("--contexts", default=None, help="sparse: context lengths (default 512,...,16384)")
@@ -177,11 +180,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train-tiny"]:  # its flags are its own parser's (argparse's REMAINDER drops '--out')
+        from model.train import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:  # bad input, a file that cannot be read, a failed start
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a Ray error during start-up, say: one line, not a traceback
+        import ray.exceptions
+
+        if not isinstance(e, ray.exceptions.RayError):
+            raise
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

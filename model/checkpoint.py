@@ -98,13 +98,21 @@ def _not_fp8_error(name: str, dtype) -> CheckpointError:
     )
 
 
+def checkpoint_folder(path: str | Path) -> Path:
+    """``path`` as a checkpoint folder that exists, else a ``CheckpointError`` saying what it is."""
+    path = Path(path)
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; give the checkpoint folder (the one that holds config.json)")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    return path
+
+
 class CheckpointReader:
     """Maps tensor names to safetensors files and reads any subset of them."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise CheckpointError(f"checkpoint folder {self.path} does not exist")
+        self.path = checkpoint_folder(path)
         self.weight_map = self._weight_map()
 
     def _weight_map(self) -> dict[str, str]:
@@ -245,9 +253,7 @@ def validate_checkpoint(path: str | Path, need_tokenizer: bool = False) -> Model
     with its ``weight_scale_inv``); MTP layers are checked only where the checkpoint has them (the
     returned args count only those: ``with_present_mtp``); with ``need_tokenizer``, the tokenizer
     loads. Each failure is one ``CheckpointError``."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    path = checkpoint_folder(path)
     try:
         args = ModelArgs.from_hf(path)
     except (ValueError, FileNotFoundError) as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,12 @@ NULL_MEANS = dict(n_shared_experts=0, routed_scaling_factor=1.0, n_group=1, topk
                   index_n_heads=0, index_head_dim=0, index_topk=0)
 
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def raymoe_home() -> Path:
+    """Where raymoe keeps what it makes on first use (data, converted checkpoints):
+    ``$RAYMOE_HOME``, default ``~/.cache/raymoe``."""
+    return Path(os.environ.get("RAYMOE_HOME", Path.home() / ".cache" / "raymoe"))
 
 
 @dataclass(frozen=True)

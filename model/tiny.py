@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.config import ModelArgs, QuantArgs, args_to_hf
+from model.config import ModelArgs, QuantArgs, args_to_hf, raymoe_home
 from model.indexer import LayerNorm
 from model.layers import Linear, RMSNorm
 
@@ -202,11 +202,9 @@ def default_checkpoint(fp8: bool = False) -> Path:
                                 "write one with `raymoe train-tiny` (or a random one with `raymoe make-tiny`)")
     if not fp8:
         return PACKAGED
-    import os
     import shutil
 
-    home = Path(os.environ.get("RAYMOE_HOME", Path.home() / ".cache" / "raymoe"))
-    path = home / "checkpoints" / "shakespeare-fp8"
+    path = raymoe_home() / "checkpoints" / "shakespeare-fp8"
     if not (path / "config.json").exists():
         tmp = path.with_name(path.name + ".partial")
         quantize_checkpoint(PACKAGED, tmp)

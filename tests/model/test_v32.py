@@ -150,3 +150,16 @@ def test_the_v32_preset_builds_with_an_indexer_in_every_layer():
     assert all(layer.self_attn.indexer is not None for layer in model.model.layers)
     total = sum(p.numel() for p in model.parameters())
     assert 680e9 < total < 690e9  # DeepSeek-V3.2-Exp: 671B + the 14B MTP module, plus the indexers
+
+
+def test_speculative_decoding_past_index_topk_is_plain_greedy(v32_dir):
+    """The MTP layer drafts with its own indexer (a prompt past index_topk: sparse attention in every
+    layer, MTP's included); greedy output with drafts is plain greedy output."""
+    llm = LocalLLM(v32_dir, dtype="float32", progress=False, mtp=True)
+    prompts = [list(range(5, 60)), [9, 8, 7]]
+    assert len(prompts[0]) > llm.args.index_topk
+    plain = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True))
+    spec = llm.generate(prompts, SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True,
+                                                speculative_tokens=2))
+    assert [r.output_ids for r in spec] == [r.output_ids for r in plain]
+    assert all(r.draft_tokens > 0 for r in spec)

@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import re
 import urllib.request
 
 import pytest
@@ -99,6 +100,7 @@ def test_serve_takes_no_share_link_or_analytics_from_the_environment(monkeypatch
     monkeypatch.setenv("GRADIO_MCP_SERVER", "True")
     llm = FakeLLM()
     monkeypatch.setattr(cluster.api.RayMoE, "start", classmethod(lambda cls, *a, **k: llm))
+    monkeypatch.setattr(serve, "check_serving_flags", lambda args: None)  # 7860 may be in use on this machine
     launched = []
 
     class Launched(Exception):
@@ -140,6 +142,7 @@ def test_serve_says_what_the_key_guards(monkeypatch, capsys, argv, env, says):
     else:
         monkeypatch.setenv("RAYMOE_API_KEY", env)
     monkeypatch.setattr(cluster.api.RayMoE, "start", classmethod(lambda cls, *a, **k: FakeLLM()))
+    monkeypatch.setattr(serve, "check_serving_flags", lambda args: None)  # 7860 may be in use on this machine
     given = []
     app = SimpleNamespace(local_url="http://127.0.0.1:7860/", share_url=None, close=lambda: None)
     monkeypatch.setattr(serve, "start_server", lambda llm, launch, *a: given.append(a) or app)  # no port
@@ -151,3 +154,24 @@ def test_serve_says_what_the_key_guards(monkeypatch, capsys, argv, env, says):
     (line,) = [x for x in out.splitlines() if "OpenAI API" in x]
     assert line.endswith(f"/v1 (model 'tiny', {says})")
     assert given[0][2] == ("k" if argv or env else None)  # the key reaches the /v1 routes
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (("--port", "70000"), "--port must be in 1..65535"), (("--refresh", "0"), "--refresh must be > 0"),
+    (("--max-sessions", "0"), "--max-sessions must be >= 1"), (("--port", "BUSY"), "cannot listen on 127.0.0.1:"),
+])
+def test_serve_checks_its_page_flags_before_the_cluster_starts(monkeypatch, argv, problem):
+    import socket
+
+    import cluster.api
+    from ui import serve
+
+    started = []
+    monkeypatch.setattr(cluster.api.RayMoE, "start", classmethod(lambda cls, *a, **k: started.append(1)))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        argv = tuple(str(busy.getsockname()[1]) if a == "BUSY" else a for a in argv)
+        with pytest.raises(ValueError, match=re.escape(problem)):
+            serve.main(_serve_args(*argv))
+    assert not started
