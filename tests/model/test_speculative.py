@@ -86,18 +86,23 @@ def test_the_mtp_layer_reads_the_main_models_hidden_after_its_final_norm(llm, mo
     model = llm.model
     mtp = model.mtp_layers[0]
     # a final norm whose weights are not all one, so that normed and raw hidden states differ in direction
+    # (changed in place and restored: the model is the module's fixture)
     weight = model.model.norm.weight
-    monkeypatch.setattr(model.model.norm, "weight", torch.nn.Parameter(
-        weight * torch.linspace(0.5, 2.0, weight.shape[0]), requires_grad=False))
+    saved = weight.clone()
+    weight.mul_(torch.linspace(0.5, 2.0, weight.shape[0]))
     seen, real = [], mtp.hidden
     monkeypatch.setattr(mtp, "hidden", lambda h, *a, **k: seen.append(h.clone()) or real(h, *a, **k))
-    prompt = list(range(40, 51))
-    cache = MLACache(model.args, model.num_layers + 1, 32, 4, torch.float32)
-    cache.allocator.grow(0, 32)
-    greedy = SamplingParams(temperature=0, speculative_tokens=2)
-    run_chunks(model, cache, [ChunkWork(0, 0, prompt, True, greedy, 0, 2, None, 32)])
-    main = model(torch.tensor(prompt), *_fresh(model, len(prompt)))
-    torch.testing.assert_close(seen[0], model.model.norm(main), atol=1e-5, rtol=1e-5)
+    try:
+        prompt = list(range(40, 51))
+        cache = MLACache(model.args, model.num_layers + 1, 32, 4, torch.float32)
+        cache.allocator.grow(0, 32)
+        greedy = SamplingParams(temperature=0, speculative_tokens=2)
+        run_chunks(model, cache, [ChunkWork(0, 0, prompt, True, greedy, 0, 2, None, 32)])
+        main = model(torch.tensor(prompt), *_fresh(model, len(prompt)))
+        normed = model.model.norm(main)
+    finally:
+        weight.copy_(saved)
+    torch.testing.assert_close(seen[0], normed, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(seen[0] / seen[0].norm(dim=-1, keepdim=True), main / main.norm(dim=-1, keepdim=True),
                               atol=1e-3)
     # the second draft's input: the first's output after the head's RMSNorm (unit RMS once its weight is divided out)
