@@ -77,7 +77,7 @@ def cmd_bench(args) -> int:
     if args.out is None:
         args.out = f"bench-results/{args.what}.json"
     if args.batch_sizes is None:
-        args.batch_sizes = "1,8" if args.what == "spec" else "1,8,32"
+        args.batch_sizes = {"spec": "1,8", "sparse": "1"}.get(args.what, "1,8,32")
     return bench_main(args)
 
 
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", default=None, help="sparse: context lengths (default 512,...,16384)")
     p.add_argument("--rows", default=None, help="collective: rows per expert actor (default 4,32,128)")
     p.add_argument("--model", help="checkpoint folder (default: the default model, model/weights/shakespeare)")
-    p.add_argument("--batch-sizes", default=None, help="default 1,8,32 (spec: 1,8)")
+    p.add_argument("--batch-sizes", default=None, help="default 1,8,32 (spec: 1,8; sparse: 1, the largest given)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32")
