@@ -51,7 +51,7 @@ class AttentionShard:
 
     def init_group(self, info: GroupInfo, master_addr: str, master_port: int, placement: Placement) -> str:
         self.info = info
-        self.group = init_group(info, master_addr, master_port)
+        self.group = init_group(info, master_addr, master_port, previous=self.group)
         self.set_placement(placement)
         return transport(self.group)
 

@@ -42,16 +42,12 @@ def node_address() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), port
 
 
-_pipes: PipeGroup | None = None  # this process's pipes, closed when it joins a new group
-
-
-def init_group(info: GroupInfo, master_addr: str, master_port: int) -> dist.ProcessGroup | PipeGroup:
+def init_group(info: GroupInfo, master_addr: str, master_port: int, previous=None) -> dist.ProcessGroup | PipeGroup:
     """Join the group; returns what the data plane's exchanges take: the pipes when every rank is on
-    this host and ``info.pipes`` allows them, else the gloo or NCCL group."""
-    global _pipes
-    if _pipes is not None:
-        _pipes.close()
-        _pipes = None
+    this host and ``info.pipes`` allows them, else the gloo or NCCL group. ``previous``: the group
+    this actor used before (its pipes are closed)."""
+    if isinstance(previous, PipeGroup):
+        previous.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     dist.init_process_group(info.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=info.rank,
@@ -61,9 +57,9 @@ def init_group(info: GroupInfo, master_addr: str, master_port: int) -> dist.Proc
         # NCCL wants before batched point-to-point calls
         torch.cuda.set_device(0)
         dist.barrier(device_ids=[0])
-    elif info.pipes:
-        _pipes = open_pipes(info.rank, info.world_size, info.num_attention, info.timeout_s)
-    return _pipes or dist.group.WORLD
+        return dist.group.WORLD
+    pipes = open_pipes(info.rank, info.world_size, info.num_attention, info.timeout_s) if info.pipes else None
+    return pipes or dist.group.WORLD
 
 
 def transport(group) -> str:
@@ -132,10 +128,12 @@ class Exchange:
         sends, recvs, group, by_pipe = self.sends, self.recvs, self.group, None
         if isinstance(group, PipeGroup):  # the small messages by pipe, the others by gloo (PipeGroup.fits)
             pipes, group = group, dist.group.WORLD
-            by_pipe = pipes.post([(p, t) for p, t in sends if pipes.fits(p, t.numel(), True)],
-                                 [(p, t) for p, t in recvs if pipes.fits(p, t.numel(), False)])
-            sends = [(p, t) for p, t in sends if not pipes.fits(p, t.numel(), True)]
-            recvs = [(p, t) for p, t in recvs if not pipes.fits(p, t.numel(), False)]
+            to_pipe = [pipes.fits(p, t.nbytes, sending=True) for p, t in sends]
+            from_pipe = [pipes.fits(p, t.nbytes, sending=False) for p, t in recvs]
+            by_pipe = pipes.post([op for op, f in zip(sends, to_pipe, strict=True) if f],
+                                 [op for op, f in zip(recvs, from_pipe, strict=True) if f])
+            sends = [op for op, f in zip(sends, to_pipe, strict=True) if not f]
+            recvs = [op for op, f in zip(recvs, from_pipe, strict=True) if not f]
         ops = [dist.P2POp(dist.isend, t, peer, group) for peer, t in sends]
         ops += [dist.P2POp(dist.irecv, t, peer, group) for peer, t in recvs]
         works = dist.batch_isend_irecv(ops) if ops else []

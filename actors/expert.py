@@ -54,7 +54,7 @@ class ExpertGroup:
             self._switch(placement.version)
         self.actor_index = info.rank - info.num_attention
         self.info = info
-        self.group = init_group(info, master_addr, master_port)
+        self.group = init_group(info, master_addr, master_port, previous=self.group)
         return transport(self.group)
 
     def slot_contents(self) -> dict[int, list[int | None]]:

@@ -28,6 +28,7 @@ from model.checkpoint import validate_checkpoint
 from model.config import ModelArgs, generation_defaults
 from model.sampling import SamplingParams
 from model.sequence import GenerationResult
+from model.speculative import require_mtp
 from model.tokenizer import Tokenizer, encode_prompt
 
 log = logging.getLogger("raymoe")
@@ -103,9 +104,7 @@ class RayMoE:
         args = validate_checkpoint(model_dir, need_tokenizer=need_tokenizer)
         if not isinstance(layout, ClusterLayout):
             layout = ClusterLayout.load(layout, **layout_overrides)
-        if layout.speculative_tokens and not args.num_nextn_predict_layers:
-            raise ValueError(f"{model_dir} has no MTP layer in its weights: speculative decoding "
-                             "needs one; set speculative_tokens to 0")
+        require_mtp(model_dir, args.num_nextn_predict_layers, layout.speculative_tokens)
         tokenizer = Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").exists() else None
         started, dashboard = _ensure_ray(address, loopback)
 

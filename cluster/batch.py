@@ -235,6 +235,10 @@ def _dumps(record: dict) -> str:
         return json.dumps(record, ensure_ascii=True)
 
 
+def _error_text(e: Exception) -> str:
+    return str(e) or type(e).__name__
+
+
 class Completions:
     """Requests in flight, handed back in the order they finish. ``llm.result`` blocks until its
     request is done, so one daemon thread per request waits on it and puts the outcome (the result,
@@ -330,17 +334,16 @@ def run_batch(llm, input_path: Path, output_path: Path, defaults: SamplingParams
                     continue
                 try:
                     in_flight.add(llm.submit(item.prompt, item.params), item)
-                except ValueError as e:  # bad input (a prompt past the context, say) fails its own line
-                    write({"id": item.id, "line": item.line, "error": str(e) or type(e).__name__})
-                except Exception as e:  # noqa: BLE001 - the cluster could not take it: this line only, too
-                    summary["cluster_failed"] += 1
-                    write({"id": item.id, "line": item.line, "error": str(e) or type(e).__name__})
+                except Exception as e:  # noqa: BLE001 - it fails its own line, never the batch
+                    # a ValueError is the line's input (a prompt past the context, say); else the cluster's
+                    summary["cluster_failed"] += not isinstance(e, ValueError)
+                    write({"id": item.id, "line": item.line, "error": _error_text(e)})
             if not in_flight:
                 continue
             item, result = in_flight.next()  # whichever finished first; the loop then refills
-            if isinstance(result, Exception) or result.error:  # failed in the cluster, not for its input
+            error = _error_text(result) if isinstance(result, Exception) else result.error
+            if error:  # failed in the cluster, not for its input
                 summary["cluster_failed"] += 1
-                error = result.error if not isinstance(result, Exception) else str(result) or type(result).__name__
                 write({"id": item.id, "line": item.line, "error": error})
             else:
                 summary["tokens"] += len(result.output_ids)

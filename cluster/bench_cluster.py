@@ -3,7 +3,8 @@ at several batch sizes, in one run, with the per-step breakdown (attention, gate
 compute, combine, scheduler). Greedy decoding of equal-length random prompts; tokens/s counts
 generated tokens over the whole request (prefill included) for both. ``--decode-steps 1,4`` measures
 each layout with that many model steps per actor call (the layout's ``decode_steps``), ``--micro-batches 1,2``
-with that many micro-batches per shard (``micro_batches``).
+with that many micro-batches per shard (``micro_batches``), ``--transports pipes,gloo`` with the rows
+over each (``local_pipes``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def main(args) -> int:
     micro_batches = [int(n) for n in (getattr(args, "micro_batches", None) or "1").split(",")]
     transports = (getattr(args, "transports", None) or "pipes").split(",")
     if set(transports) - {"pipes", "gloo"}:
-        raise SystemExit(f"--transports: {args.transports!r}; use pipes, gloo or both (pipes,gloo)")
+        raise ValueError(f"--transports: {args.transports!r}; use pipes, gloo or both (pipes,gloo)")
     params = SamplingParams(temperature=0, max_new_tokens=args.new_tokens, ignore_eos=True)
     gen = torch.Generator().manual_seed(0)
     local = LocalLLM(path, dtype=args.dtype, progress=False)
@@ -53,6 +54,7 @@ def main(args) -> int:
                                                      for m in micro_batches for t in transports]:
             with RayMoE.start(path, attention_shards=shards, expert_actors=experts, dtype=args.dtype,
                               decode_steps=steps, micro_batches=micro, local_pipes=via == "pipes") as llm:
+                used = llm.describe()["transport"]
                 for b in batch_sizes:
                     before = dict(llm.engine.totals)
                     tok_s = rate(lambda p: llm.generate(p, params), b)
@@ -63,9 +65,9 @@ def main(args) -> int:
                                  if k.endswith("seconds") or "." in k}
                     name = (f"{shards}x{experts}" + (f" N={steps}" if len(decode_steps) > 1 or steps > 1 else "")
                             + (f" mb={micro}" if len(micro_batches) > 1 or micro > 1 else "")
-                            + (f" {llm.describe()['transport']}" if len(transports) > 1 else ""))
+                            + (f" {used}" if len(transports) > 1 else ""))
                     rows.append({"layout": name, "decode_steps": steps, "micro_batches": micro, "batch": b,
-                                 "transport": llm.describe()["transport"], "tok_s": tok_s,
+                                 "transport": used, "tok_s": tok_s,
                                  "calls": calls, "model_steps": model_steps, "ms_per_step": breakdown})
     finally:
         ray.shutdown()

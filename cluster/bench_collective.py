@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROW_BYTES = 160 * 4 + 8 * 4
-MODES = ("all_to_all_single", "batched send/recv", "pipes")
+MODES = ("all_to_all_single", "gloo send/recv", "pipes")
 
 
 def _round_trip(mode: str, rank: int, world: int, rows: int, pipes) -> None:
@@ -64,6 +64,7 @@ def _worker(rank: int, world: int, port: int, row_counts: list[int], repeats: in
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     pipes = open_pipes(rank, world, 1, 120.0)
+    assert pipes is not None, "no pipes between these processes: the pipes row would measure gloo"
     rows_out = []
     for rows in row_counts:
         for mode in MODES:

@@ -33,12 +33,12 @@ def cmd_generate(args) -> int:
     if args.chat:
         prompts = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
     if args.local:
-        cluster_only = [flag for flag, value in layout_overrides(args).items()
-                        if value is not None and flag not in ("dtype", "device", "speculative_tokens")]
-        if cluster_only or args.layout or args.address:
-            names = [f"--{f.replace('_', '-')}" for f in cluster_only] + (["--layout"] if args.layout else []) + (
-                ["--address"] if args.address else [])
-            raise ValueError(f"{', '.join(names)} set(s) up a cluster; --local runs one process: drop one or the other")
+        given = {**layout_overrides(args), "layout": args.layout, "address": args.address}
+        cluster_only = [f"--{key.replace('_', '-')}" for key, value in given.items()
+                        if value is not None and key not in ("dtype", "device", "speculative_tokens")]
+        if cluster_only:
+            raise ValueError(f"{', '.join(cluster_only)} set(s) up a cluster; --local runs one process: drop one "
+                             "or the other")
         llm = LocalLLM(model_dir(args), dtype=args.dtype or "bfloat16", device=args.device or "cpu",
                        progress=not args.json, speculative_tokens=args.speculative_tokens or 0)
         results = llm.generate(prompts, params)
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hot-bias", type=float, default=1.0, help="gate bias added to each hot expert (default 1.0)")
     p.set_defaults(func=cmd_make_tiny)
 
-    sub.add_parser("train-tiny", add_help=False,  # its own parser: main() hands it the rest of the line
+    sub.add_parser("train-tiny",  # its own parser reads its flags: main() hands it the rest of the line
                    help="train the default model on Shakespeare's plays (raymoe train-tiny --help)")
 
     p = sub.add_parser("generate", help="generate text for prompts")
@@ -184,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train-tiny"]:  # its flags are its own parser's (argparse's REMAINDER drops '--out')
         from model.train import main as train_main
 
-        return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
+        run = lambda: train_main(argv[1:])  # noqa: E731
+    else:
+        args = build_parser().parse_args(argv)
+        run = lambda: args.func(args)  # noqa: E731
     try:
-        return args.func(args)
+        return run()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

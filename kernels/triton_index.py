@@ -34,7 +34,7 @@ def _index_scores_kernel(q_ptr, w_ptr, k_ptr, ks_ptr, slots_ptr, slots_stride, o
         s = tl.load(ks_ptr + slot[:, None] * NB + dd[None, :] // 128, mask=valid[:, None] & d_mask[None, :],
                     other=0.0)
         k = k * s
-    scores = tl.maximum(tl.dot(q, tl.trans(k), input_precision="ieee"), 0.0)  # [BH, BN]; not TF32 (dot_precision)
+    scores = tl.maximum(tl.dot(q, tl.trans(k), input_precision="ieee"), 0.0)  # [BH, BN]; float32, not TF32
     out = tl.sum(scores * w[:, None], axis=0)  # [BN]
     out = tl.where(valid, out, float("-inf"))
     tl.store(out_ptr + n * L + cols, out, mask=cols < L)

@@ -41,7 +41,7 @@ def raymoe_home() -> Path:
 
 @dataclass(frozen=True)
 class RopeArgs:
-    """Rotary embedding parameters; ``type == "yarn"`` enables YaRN scaling."""
+    """Rotary embedding parameters; ``type`` "yarn" (YaRN) or "linear" (positions / factor) scales them."""
 
     theta: float = 10000.0
     type: str = "default"
@@ -385,7 +385,7 @@ def _rope_from_hf(cfg: dict[str, Any]) -> RopeArgs:
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return RopeArgs(theta=theta)
-    if rope_type not in ("yarn", "linear"):
+    if rope_type not in ROPE_TYPES:
         raise ValueError(f"rope scaling type {rope_type!r} is not supported; use 'yarn', 'linear' or none")
     if scaling.get("factor") is None:
         raise ValueError(f"config.json: {where}factor is required for {rope_type} scaling")

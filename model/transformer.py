@@ -155,7 +155,7 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and head: [T, hidden] -> [T, vocab] float32."""
-        return self.lm_head(self.model.norm(hidden)).float()
+        return self.lm_head(self.normed(hidden)).float()
 
     @torch.inference_mode()
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -127,7 +127,7 @@ class OpenAIServer:
         info = llm.describe()
         self.model_name = model_name or info["model"]
         self.max_context = info.get("max_sequence_tokens", info["max_context"])
-        self.vocab_size = info.get("vocab_size")  # bounds stop_token_ids where the cluster says it
+        self.vocab_size = info["vocab_size"]  # bounds stop_token_ids
         # the checkpoint's generation_config.json: defaults for values a request leaves out, as vLLM
         self.defaults = info.get("generation_defaults") or {}
         self.created = int(info["started_at"])
@@ -229,11 +229,10 @@ class OpenAIServer:
             _text("stop", s)
         ids = body.get("stop_token_ids")
         ids = [] if ids is None else ids
-        hi = self.vocab_size
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
-                                                and (hi is None or t < hi) for t in ids):
-            within = f"0..{hi - 1}" if hi else ">= 0"
-            raise _bad("stop_token_ids", f"'stop_token_ids' must be a list of token ids (integers {within})")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                and 0 <= t < self.vocab_size for t in ids):
+            raise _bad("stop_token_ids", f"'stop_token_ids' must be a list of token ids (integers "
+                                         f"0..{self.vocab_size - 1})")
         return tuple(stop), tuple(ids)
 
     def _submit(self, prompt_ids: list[int], params: list[SamplingParams]) -> list[int]:
@@ -470,14 +469,16 @@ class OpenAIServer:
                     if r.error:
                         yield error(f"The request failed in the cluster: {r.error}")
                         return
+                    # the tokens' logprobs not sent with their own chunks (none where the engine sent all)
+                    rest = want and sent[index] < len(r.token_logprobs)
                     logprobs = await asyncio.to_thread(self._logprobs, r, top, chat, len(texts[index]),
-                                                       sent[index]) if want else None
+                                                       sent[index]) if rest else None
                     if ev.text:
                         texts[index] += ev.text
                     # the last piece of text goes with the finish reason, and the logprobs of the tokens
                     # not sent yet
                     yield chunk(index, ev.text, "length" if r.finish_reason == "length" else "stop", logprobs)
-                elif want and getattr(ev, "logprobs", None):
+                elif want and ev.logprobs:
                     # each token's logprobs with its chunk, as vLLM streams them (its text may be held back:
                     # part of a character or of a stop string; the chunk then has logprobs and no text)
                     lps = ev.logprobs

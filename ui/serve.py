@@ -73,7 +73,7 @@ def main(args) -> int:
         info = llm.describe()
         name = args.served_model_name or info["model"]
         print(f"raymoe is serving {name} on {info['attention_shards']} attention shard(s) x "
-              f"{info['expert_actors']} expert actor(s), rows over {info.get('transport') or 'the process group'}")
+              f"{info['expert_actors']} expert actor(s), rows over {info['transport']}")
         print(f"  chat and cluster page: {app.local_url}")
         key = "key required; the page and its /chat API take no key" if api_key else "no key: as open as the page"
         print(f"  OpenAI API:            {app.local_url.rstrip('/')}/v1 (model '{name}', {key})")

@@ -156,7 +156,8 @@ def check_dispatch(tiny_dir, monkeypatch, dtype, device, capacity_tokens=0, micr
     parts = [slice(0, 20), slice(20, tokens)] if micro_batches == 2 else [slice(0, tokens)]
     if fp8 and device == "cuda":  # Triton compiles on first use, and its runtime is not safe for concurrent
         # compiles (triton#5933): the kernels the threads below run are compiled here first
-        a, a_s = RowFormat(args.hidden_size, dtype, fp8).decode(RowFormat(args.hidden_size, dtype, fp8).encode(x[:2]))
+        fmt = RowFormat(args.hidden_size, dtype, fp8)
+        a, a_s = fmt.decode(fmt.encode(x[:2]))
         banks[0].forward_quantized(a, a_s, torch.tensor([0] + [2] * banks[0].num_slots, device=device))
 
     violations, records, cpu_calls = [], [], []

@@ -29,7 +29,7 @@ def test_generate_rejects_bad_values(tiny_dir, capsys):
     assert rc == 2 and "top_p" in capsys.readouterr().err
 
 
-def test_usage_errors_are_one_line_and_exit_2(tiny_dir, tmp_path, capsys):
+def test_usage_errors_are_one_line_and_exit_2(tiny_dir, capsys):
     """None of these starts anything: each is one line naming the problem, exit code 2."""
     cases = [
         (["generate", "--model", str(tiny_dir), "--local", "--prompt-ids", "1,x"], "--prompt-ids takes"),

@@ -4,6 +4,8 @@ need no Ray."""
 from pathlib import Path
 from types import SimpleNamespace
 
+from cluster.engine import StreamEvent
+
 
 class FakeLLM:
     """Replies with ``reply`` in pieces of ``piece`` characters and records what it was sent."""
@@ -32,7 +34,7 @@ class FakeLLM:
             last = i == len(pieces) - 1
             result = SimpleNamespace(error=None, text=self.reply, output_ids=list(range(len(pieces))),
                                      finish_reason="stop", token_logprobs=[], top_logprobs=[]) if last else None
-            yield SimpleNamespace(text=text, finished=last, result=result)
+            yield StreamEvent(text, [i], last, result)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         return [f"<{i}>" for i in ids]
@@ -52,8 +54,8 @@ class FakeLLM:
 
     def describe(self) -> dict:
         return {"model": self.model_dir.name, "model_dir": str(self.model_dir), "model_type": "deepseek_v3",
-                "n_routed_experts": 8, "max_context": 4096, "max_sequence_tokens": 4096,
-                "attention_shards": 1, "expert_actors": 2,
+                "n_routed_experts": 8, "vocab_size": 1000, "max_context": 4096, "max_sequence_tokens": 4096,
+                "attention_shards": 1, "expert_actors": 2, "transport": "pipes",
                 "has_tokenizer": True, "started_at": 0.0, "generation_defaults": self.generation_defaults}
 
     def health(self) -> dict:

@@ -8,6 +8,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from cluster.engine import StreamEvent
 from tests.ui.fake_llm import FakeLLM
 from ui.chat import MAX_CHARS
 from ui.openai_api import openai_routes
@@ -116,11 +117,6 @@ def test_the_body_vllm_bench_serve_sends_takes_effect():
     assert params.ignore_eos is True and params.max_new_tokens == 8
 
 
-class Vocab1000(FakeLLM):
-    def describe(self):
-        return {**super().describe(), "vocab_size": 1000}
-
-
 @pytest.mark.parametrize("extra, param", [
     ({"ignore_eos": "yes"}, "ignore_eos"), ({"ignore_eos": 1}, "ignore_eos"),
     ({"skip_special_tokens": 0}, "skip_special_tokens"), ({"skip_special_tokens": "false"}, "skip_special_tokens"),
@@ -130,7 +126,7 @@ class Vocab1000(FakeLLM):
     ({"min_tokens": "4"}, "min_tokens"), ({"min_tokens": 1.0}, "min_tokens"),
 ])
 def test_vllm_extensions_are_type_checked(extra, param):
-    llm, api = _api(Vocab1000())
+    llm, api = _api()
     for url, body in (CHAT, COMPLETION):
         _error(api.post(url, json={**body, **extra}), 400, param)
     assert llm.submitted == []
@@ -172,14 +168,14 @@ def test_a_model_name_with_a_lone_surrogate_is_a_404():
 
 class LostMidStream(FakeLLM):
     def stream(self, request_id):
-        yield SimpleNamespace(text="Hel", finished=False, result=None)
+        yield StreamEvent("Hel", [1])
         raise RuntimeError("the expert actor was lost")
 
 
 class FailedMidStream(FakeLLM):
     def stream(self, request_id):
-        yield SimpleNamespace(text="Hel", finished=False, result=None)
-        yield SimpleNamespace(text="", finished=True, result=SimpleNamespace(
+        yield StreamEvent("Hel", [1])
+        yield StreamEvent("", [], True, SimpleNamespace(
             error="the expert actor was lost", text="Hel", output_ids=[1], finish_reason="error", token_logprobs=[],
             top_logprobs=[]))
 
