@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import os
 import signal
 import threading
@@ -10,13 +11,19 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_UPLOAD = "1kb"  # the page takes no files
 
 
-def launch_options(args) -> dict:
+def launch_options(args, api_key: str | None = None) -> dict:
     """``Blocks.launch`` arguments for ``raymoe serve``. Every setting that Gradio would otherwise take
     from the environment and that reaches beyond this machine is given here: a public share link
-    only with ``--share --allow-remote`` (never from ``GRADIO_SHARE``), no MCP server, no Node server."""
-    return dict(server_name=args.host, server_port=args.port, share=bool(args.share and args.allow_remote),
-                max_file_size=MAX_UPLOAD, mcp_server=False, ssr_mode=False, prevent_thread_lock=True, quiet=True,
-                show_error=True)
+    only with ``--share --allow-remote`` (never from ``GRADIO_SHARE``), no MCP server, no Node server.
+    With ``--allow-remote`` and an API key the page and its ``/chat`` API ask for the key too (a login
+    with any user name and the key as the password); on loopback they stay open."""
+    options = dict(server_name=args.host, server_port=args.port, share=bool(args.share and args.allow_remote),
+                   max_file_size=MAX_UPLOAD, mcp_server=False, ssr_mode=False, prevent_thread_lock=True, quiet=True,
+                   show_error=True)
+    if api_key and args.allow_remote:
+        options.update(auth=lambda user, password: hmac.compare_digest(password.encode(), api_key.encode()),
+                       auth_message="Log in with any user name and the server's API key as the password.")
+    return options
 
 
 def start_server(llm, launch: dict, refresh_s: float = 2.0, max_sessions: int = 64, api_key: str | None = None,
@@ -68,14 +75,19 @@ def main(args) -> int:
                        **layout_overrides(args))
     stop = threading.Event()
     try:
-        app = start_server(llm, launch_options(args), args.refresh, args.max_sessions, api_key,
+        app = start_server(llm, launch_options(args, api_key), args.refresh, args.max_sessions, api_key,
                            args.served_model_name)
         info = llm.describe()
         name = args.served_model_name or info["model"]
         print(f"raymoe is serving {name} on {info['attention_shards']} attention shard(s) x "
               f"{info['expert_actors']} expert actor(s), rows over {info['transport']}")
         print(f"  chat and cluster page: {app.local_url}")
-        key = "key required; the page and its /chat API take no key" if api_key else "no key: as open as the page"
+        if not api_key:
+            key = "no key: as open as the page"
+        elif args.allow_remote:
+            key = "key required; the page and its /chat API ask for it too"
+        else:
+            key = "key required; the page and its /chat API take no key (loopback only)"
         print(f"  OpenAI API:            {app.local_url.rstrip('/')}/v1 (model '{name}', {key})")
         if app.share_url:
             print(f"  public share link:     {app.share_url}")

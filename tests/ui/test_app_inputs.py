@@ -126,8 +126,10 @@ def test_serve_takes_no_share_link_or_analytics_from_the_environment(monkeypatch
 
 
 @pytest.mark.parametrize("argv, env, says", [
-    (("--api-key", "k"), None, "key required; the page and its /chat API take no key"),
-    ((), "k", "key required; the page and its /chat API take no key"),
+    (("--api-key", "k"), None, "key required; the page and its /chat API take no key (loopback only)"),
+    ((), "k", "key required; the page and its /chat API take no key (loopback only)"),
+    (("--api-key", "k", "--host", "0.0.0.0", "--allow-remote"), None,
+     "key required; the page and its /chat API ask for it too"),
     ((), None, "no key: as open as the page"),
 ])
 def test_serve_says_what_the_key_guards(monkeypatch, capsys, argv, env, says):
@@ -175,3 +177,16 @@ def test_serve_checks_its_page_flags_before_the_cluster_starts(monkeypatch, argv
         with pytest.raises(ValueError, match=re.escape(problem)):
             serve.main(_serve_args(*argv))
     assert not started
+
+
+def test_a_key_on_a_remote_server_guards_the_page_too():
+    """With --allow-remote and a key, Gradio's login (any user name, the key as the password) guards
+    the page and its /chat API; on loopback, or without a key, there is no login."""
+    from ui import serve
+
+    def auth(*argv, key=None):
+        return serve.launch_options(_serve_args(*argv), key).get("auth")
+
+    login = auth("--host", "0.0.0.0", "--allow-remote", key="sesame")
+    assert login("anyone", "sesame") and not login("anyone", "sesam") and not login("sesame", "")
+    assert auth(key="sesame") is None and auth("--host", "0.0.0.0", "--allow-remote") is None
