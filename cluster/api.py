@@ -25,7 +25,7 @@ from cluster.layout import ClusterLayout
 from cluster.rebalance import PlacementSwitch
 from cluster.scheduler import Scheduler
 from model.checkpoint import validate_checkpoint
-from model.config import ModelArgs, generation_defaults
+from model.config import ModelArgs, end_of_sequence_ids, generation_defaults
 from model.sampling import SamplingParams
 from model.sequence import GenerationResult
 from model.speculative import require_mtp
@@ -139,7 +139,8 @@ class RayMoE:
                                  scale=lambda n: handle["llm"]._scale_in_background(n))
         scheduler = Scheduler(layout.attention_shards, layout.num_blocks, layout.block_size,
                               layout.max_batch_tokens, layout.max_running)
-        eos = tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None else args.eos_token_id
+        eos = end_of_sequence_ids(tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None
+                                  else args.eos_token_id, model_dir)
         engine = Engine(attention, experts, router, scheduler, tokenizer, eos, args.max_position_embeddings,
                         step_timeout_s=max(60.0, 2 * layout.collective_timeout_s), rebuild=rebuild,
                         switch=switch, regroup=regroup, speculative_tokens=layout.speculative_tokens,

@@ -54,7 +54,7 @@ class Request:
 
 
 class Engine:
-    def __init__(self, attention_actors, expert_actors, router, scheduler: Scheduler, tokenizer, eos_token_id,
+    def __init__(self, attention_actors, expert_actors, router, scheduler: Scheduler, tokenizer, eos_token_ids,
                  max_len: int, step_timeout_s: float = 600.0, rebuild=None, max_step_failures: int = 3,
                  max_rebuild_attempts: int = 3, backoff_s: tuple[float, float] = (1.0, 60.0),
                  switch: PlacementSwitch | None = None, regroup=None, speculative_tokens: int = 0,
@@ -70,7 +70,7 @@ class Engine:
         fail, new ones are refused with ``ClusterUnavailable``, and rebuilds go on with exponential
         backoff (``backoff_s`` = first, longest wait) until one succeeds."""
         self.attention, self.experts, self.router = attention_actors, expert_actors, router
-        self.scheduler, self.tokenizer, self.eos_token_id, self.max_len = scheduler, tokenizer, eos_token_id, max_len
+        self.scheduler, self.tokenizer, self.eos_token_ids, self.max_len = scheduler, tokenizer, eos_token_ids, max_len
         self.step_timeout_s = step_timeout_s
         self.rebuild, self.max_step_failures = rebuild, max_step_failures
         self.max_rebuild_attempts = max_rebuild_attempts
@@ -116,7 +116,7 @@ class Engine:
                     "retry later, and check the Ray dashboard for lost nodes or resources"
                 )
             seq_id = self._next_id
-            seq = Sequence(seq_id, prompt_ids, with_seed(params), self.tokenizer, self.eos_token_id, self.max_len)
+            seq = Sequence(seq_id, prompt_ids, with_seed(params), self.tokenizer, self.eos_token_ids, self.max_len)
             seq.speculative_tokens = speculative_for(seq.params, self.speculative_tokens, self.have_mtp)
             k = seq.speculative_tokens
             self.scheduler.add(seq_id, len(seq.prompt_ids), len(seq.prompt_ids) + seq.max_new,

@@ -240,6 +240,13 @@ def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
     return out
 
 
+def end_of_sequence_ids(primary: int | None, model_dir: str | Path) -> tuple[int, ...]:
+    """The ids that end a sequence: ``primary`` (the tokenizer's, else config.json's) and every one
+    ``generation_config.json`` lists, as transformers' ``generate`` and vLLM stop on them."""
+    ids = [] if primary is None else [primary]
+    return tuple(ids + [i for i in generation_defaults(model_dir).get("eos_token_ids", []) if i not in ids])
+
+
 def read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``; anything else is a ``ValueError`` naming the file."""
     try:

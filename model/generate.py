@@ -9,6 +9,7 @@ import torch
 
 from model.cache import MLACache
 from model.checkpoint import load_model
+from model.config import end_of_sequence_ids
 from model.sampling import SamplingParams, with_seed
 from model.sequence import GenerationResult, Sequence
 from model.speculative import ChunkWork, mtp_cache_layers, require_mtp, run_chunks, speculative_for
@@ -34,8 +35,9 @@ class LocalLLM:
         self.tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
         self.dtype, self.device, self.block_size = dtype, device, block_size
         self.max_batch_tokens = max_batch_tokens
-        self.eos_token_id = (self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id
-                             is not None else self.args.eos_token_id)
+        self.eos_token_ids = end_of_sequence_ids(
+            self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id is not None
+            else self.args.eos_token_id, path)
 
     def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
         """Token ids for a text prompt, a list of ids, or a list of chat messages."""
@@ -49,7 +51,7 @@ class LocalLLM:
         params = params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
         max_len = self.args.max_position_embeddings
-        seqs = [Sequence(i, self.encode(p), with_seed(sp), self.tokenizer, self.eos_token_id, max_len)
+        seqs = [Sequence(i, self.encode(p), with_seed(sp), self.tokenizer, self.eos_token_ids, max_len)
                 for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
         for s in seqs:
             s.speculative_tokens = speculative_for(s.params, self.speculative_tokens, bool(self.model.mtp_layers))

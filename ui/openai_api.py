@@ -192,8 +192,6 @@ class OpenAIServer:
         n = _get(body, "n", int, 1, lo=1, hi=MAX_N)
         stop, stop_token_ids = self._stops(body)
         ignore_eos = _get(body, "ignore_eos", bool, False)
-        if not ignore_eos:  # every end-of-sequence id generation_config.json names ends a choice too
-            stop_token_ids += tuple(i for i in d.get("eos_token_ids", ()) if i not in stop_token_ids)
         skip_special_tokens = _get(body, "skip_special_tokens", bool, True)
         if chat:
             want = _get(body, "logprobs", bool, False)

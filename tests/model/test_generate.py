@@ -165,3 +165,26 @@ def test_logits_that_are_not_finite_pick_the_best_finite_token():
     gen = torch.Generator().manual_seed(0)
     assert sample(logits, params, gen)[0] == 2
     assert sample(torch.full((4,), float("nan")), params, gen)[0] in range(4)
+
+
+def test_every_eos_id_of_generation_config_ends_a_sequence(tiny_dir, tmp_path):
+    """generation_config.json's eos_token_id list stops generation on each id (as transformers'
+    generate and vLLM stop), unless ignore_eos."""
+    import json
+    import shutil
+
+    from model.generate import LocalLLM
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(tiny_dir, path)
+    params = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    plain = LocalLLM(path, dtype="float32", progress=False)
+    free = plain.generate([[5, 6, 7, 8]], params)[0].output_ids
+    extra = free[2]
+    first = free.index(extra)
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [*plain.eos_token_ids, extra]}))
+    llm = LocalLLM(path, dtype="float32", progress=False)
+    assert extra in llm.eos_token_ids
+    stopped = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_new_tokens=8))[0]
+    assert stopped.output_ids == free[:first + 1] and stopped.finish_reason == "stop"
+    assert llm.generate([[5, 6, 7, 8]], params)[0].output_ids == free

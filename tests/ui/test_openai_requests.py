@@ -90,17 +90,15 @@ def test_vllm_extensions_reach_the_sampling_params():
 
 def test_generation_config_gives_the_defaults_a_request_leaves_out():
     """As vLLM applies a checkpoint's generation_config.json: its sampling values where the request
-    has none, and its end-of-sequence ids end a choice too (unless ignore_eos)."""
+    has none (its end-of-sequence ids stop every sequence: ``Sequence``, tested in test_generate)."""
     llm, api = _api(FakeLLM(generation_defaults={"temperature": 0.6, "top_p": 0.95, "eos_token_ids": [1, 9]}))
     for url, body in (CHAT, COMPLETION):
         assert api.post(url, json=body).status_code == 200
         p = llm.submitted[-1][1]
-        assert (p.temperature, p.top_p, p.top_k, p.stop_token_ids) == (0.6, 0.95, 0, (1, 9))
+        assert (p.temperature, p.top_p, p.top_k, p.stop_token_ids) == (0.6, 0.95, 0, ())
         assert api.post(url, json={**body, "temperature": 0, "top_p": 1, "stop_token_ids": [9, 4]}).status_code == 200
         p = llm.submitted[-1][1]
-        assert (p.temperature, p.top_p, p.stop_token_ids) == (0.0, 1.0, (9, 4, 1))
-        assert api.post(url, json={**body, "ignore_eos": True}).status_code == 200
-        assert llm.submitted[-1][1].stop_token_ids == ()
+        assert (p.temperature, p.top_p, p.stop_token_ids) == (0.0, 1.0, (9, 4))
 
 
 def test_the_body_vllm_bench_serve_sends_takes_effect():
