@@ -70,8 +70,8 @@ class RayMoE:
         self.engine, self._started_ray = engine, started_ray
         self._scale_lock = threading.Lock()
         self.started_at = time.time()
-        self.generation_defaults = generation_defaults(model_dir)
         self.dashboard_url: str | None = None
+        self.generation_defaults: dict = {}  # generation_config.json's sampling defaults (``start`` sets them)
         self._replace_actors(attention, experts)
 
     def _replace_actors(self, attention, experts) -> None:
@@ -139,8 +139,9 @@ class RayMoE:
                                  scale=lambda n: handle["llm"]._scale_in_background(n))
         scheduler = Scheduler(layout.attention_shards, layout.num_blocks, layout.block_size,
                               layout.max_batch_tokens, layout.max_running)
+        defaults = generation_defaults(model_dir)  # read once: the API's sampling defaults and the eos ids
         eos = end_of_sequence_ids(tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None
-                                  else args.eos_token_id, model_dir)
+                                  else args.eos_token_id, defaults)
         engine = Engine(attention, experts, router, scheduler, tokenizer, eos, args.max_position_embeddings,
                         step_timeout_s=max(60.0, 2 * layout.collective_timeout_s), rebuild=rebuild,
                         switch=switch, regroup=regroup, speculative_tokens=layout.speculative_tokens,
@@ -148,6 +149,7 @@ class RayMoE:
                         micro_batches=layout.micro_batches)
         llm = cls(model_dir, layout, args, tokenizer, attention, experts, router, plane, engine, started)
         llm.dashboard_url = dashboard
+        llm.generation_defaults = defaults
         handle["llm"] = llm
         return llm
 

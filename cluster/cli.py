@@ -184,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train-tiny"]:  # its flags are its own parser's (argparse's REMAINDER drops '--out')
         from model.train import main as train_main
 
-        run = lambda: train_main(argv[1:])  # noqa: E731
+        run = lambda: train_main(argv[1:])
     else:
         args = build_parser().parse_args(argv)
-        run = lambda: args.func(args)  # noqa: E731
+        run = lambda: args.func(args)
     try:
         return run()
     except KeyboardInterrupt:

@@ -240,11 +240,12 @@ def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def end_of_sequence_ids(primary: int | None, model_dir: str | Path) -> tuple[int, ...]:
+def end_of_sequence_ids(primary: int | None, defaults: dict[str, Any]) -> tuple[int, ...]:
     """The ids that end a sequence: ``primary`` (the tokenizer's, else config.json's) and every one
-    ``generation_config.json`` lists, as transformers' ``generate`` and vLLM stop on them."""
+    ``generation_config.json`` lists (``defaults``: ``generation_defaults``), as transformers'
+    ``generate`` and vLLM stop on them."""
     ids = [] if primary is None else [primary]
-    return tuple(ids + [i for i in generation_defaults(model_dir).get("eos_token_ids", []) if i not in ids])
+    return tuple(ids + [i for i in defaults.get("eos_token_ids", []) if i not in ids])
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
@@ -326,7 +327,7 @@ def _from_hf_dict(cfg: dict[str, Any]) -> ModelArgs:
     v2 = model_type == "deepseek_v2"
 
     def hf_default(key: str):  # absent: the config class's value; null: "none"
-        return HF_DEFAULTS.get(model_type, {}).get(key, NULL_MEANS[key]) if key not in cfg else NULL_MEANS[key]
+        return NULL_MEANS[key] if key in cfg else HF_DEFAULTS[model_type].get(key, NULL_MEANS[key])
 
     if _bool(cfg, "mlp_bias", False):
         raise ValueError("mlp_bias true is not supported: raymoe's MLPs and experts have no biases (no DeepSeek "

@@ -9,7 +9,7 @@ import torch
 
 from model.cache import MLACache
 from model.checkpoint import load_model
-from model.config import end_of_sequence_ids
+from model.config import end_of_sequence_ids, generation_defaults
 from model.sampling import SamplingParams, with_seed
 from model.sequence import GenerationResult, Sequence
 from model.speculative import ChunkWork, mtp_cache_layers, require_mtp, run_chunks, speculative_for
@@ -37,7 +37,7 @@ class LocalLLM:
         self.max_batch_tokens = max_batch_tokens
         self.eos_token_ids = end_of_sequence_ids(
             self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id is not None
-            else self.args.eos_token_id, path)
+            else self.args.eos_token_id, generation_defaults(path))
 
     def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
         """Token ids for a text prompt, a list of ids, or a list of chat messages."""

@@ -243,7 +243,7 @@ def test_best_of_is_one_as_an_integer(best_of, problem):
     assert api.post(COMPLETION[0], json={**COMPLETION[1], "best_of": 1}).status_code == 200
 
 
-def test_a_body_over_the_cap_is_a_413_read_no_further(monkeypatch):
+def test_a_body_over_the_cap_is_a_413(monkeypatch):
     import ui.openai_api
 
     monkeypatch.setattr(ui.openai_api, "MAX_BODY_BYTES", 1000)
