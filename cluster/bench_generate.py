@@ -41,6 +41,8 @@ def main(args) -> int:
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     llm = LocalLLM(path, dtype=dtype, device=device, progress=False)
+    # --compile: also raymoe with its decode steps through torch.compile (compiled before timing)
+    compiled = LocalLLM(path, dtype=dtype, device=device, progress=False, compile=True) if args.compile else None
     try:
         import transformers
 
@@ -52,7 +54,8 @@ def main(args) -> int:
     gen = torch.Generator().manual_seed(0)
     rows = []
     print(f"decode tokens/s on {device}, {args.dtype}, prompt {args.prompt_len} tokens, {args.new_tokens} new tokens")
-    print(HEADER + "\n" + "-" * len(HEADER))
+    header = HEADER + (COMPILED if compiled is not None else "")
+    print(header + "\n" + "-" * len(header))
     for batch in batch_sizes:
         prompts = torch.randint(5, llm.args.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
 
@@ -61,6 +64,13 @@ def main(args) -> int:
 
         rate, prefill = _decode_rate(run_ours, batch, args.new_tokens, args.repeats)
         row = {"batch": batch, "raymoe_tok_s": rate, "raymoe_prefill_ms": prefill}
+        if compiled is not None:
+            def run_compiled(n, prompts=prompts):
+                compiled.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+
+            run_compiled(3)  # compiles this batch's shape class, if it is new
+            row["compiled_tok_s"], row["compiled_prefill_ms"] = _decode_rate(run_compiled, batch, args.new_tokens,
+                                                                            args.repeats)
         if hf is not None:
             def run_hf(n, prompts=prompts):
                 with torch.inference_mode():
@@ -70,13 +80,16 @@ def main(args) -> int:
             row["transformers_tok_s"], row["transformers_prefill_ms"] = _decode_rate(run_hf, batch, args.new_tokens,
                                                                                   args.repeats)
             row["ratio"] = row["raymoe_tok_s"] / row["transformers_tok_s"]
+            if compiled is not None:
+                row["compiled_ratio"] = row["compiled_tok_s"] / row["transformers_tok_s"]
         rows.append(row)
-        print(_format_row(row), flush=True)
+        print(_format_row(row) + (_format_compiled(row) if compiled is not None else ""), flush=True)
 
     result = {
         "benchmark": "generate", "checkpoint": str(path), "dtype": args.dtype, "device": device,
         "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "compile": bool(args.compile),
+        "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "rows": rows,
     }
@@ -96,3 +109,10 @@ def _format_row(row: dict) -> str:
     return (f"{row['batch']:>5} | {row['raymoe_tok_s']:12.1f} | {row.get('transformers_tok_s', nan):18.1f} | "
             f"{row.get('ratio', nan):6.2f} | {row['raymoe_prefill_ms']:15.1f} / "
             f"{row.get('transformers_prefill_ms', nan):<14.1f}")
+
+
+COMPILED = f" | {'compiled tok/s':>14} | {'ratio':>6}"
+
+
+def _format_compiled(row: dict) -> str:
+    return f" | {row['compiled_tok_s']:14.1f} | {row.get('compiled_ratio', float('nan')):6.2f}"

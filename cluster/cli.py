@@ -40,8 +40,10 @@ def cmd_generate(args) -> int:
             raise ValueError(f"{', '.join(cluster_only)} set(s) up a cluster; --local runs one process: drop one "
                              "or the other")
         llm = LocalLLM(model_dir(args), dtype=args.dtype or "bfloat16", device=args.device or "cpu",
-                       progress=not args.json, speculative_tokens=args.speculative_tokens or 0)
+                       progress=not args.json, speculative_tokens=args.speculative_tokens or 0, compile=args.compile)
         results = llm.generate(prompts, params)
+    elif args.compile:
+        raise ValueError("--compile is for the single process (--local); the cluster's attention shards run eagerly")
     else:
         from cluster.api import RayMoE
 
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
                    help="compute dtype (default: the layout's, bfloat16 in configs/cluster/local.yaml)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
+    p.add_argument("--compile", action="store_true",
+                   help="with --local: decode steps through torch.compile (float weights; tens of seconds to "
+                        "compile on first use)")
     add_sampling_flags(p)
     add_cluster_flags(p)
     p.set_defaults(func=cmd_generate)
@@ -174,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spare-slots", type=int, default=2, help="balance: free slots per expert actor (default 2)")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="generate: where both models run (default: cuda when present, else cpu)")
+    p.add_argument("--compile", action="store_true",
+                   help="generate: also measure raymoe with its decode steps through torch.compile")
     p.add_argument("--out", default=None, help="JSON file (default: bench-results/WHAT.json)")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -97,12 +97,12 @@ def mla_decode(q_lat: torch.Tensor, q_pe: torch.Tensor, kv_cache: torch.Tensor, 
 
     ``q_lat`` [B, H, kv_lora_rank] (queries with ``kv_b_proj``'s key half folded in), ``q_pe``
     [B, H, rope]; ``kv_cache`` [blocks, block_size, kv_lora_rank], ``pe_cache`` [blocks, block_size,
-    rope]; ``block_table`` [B, max_blocks] int; ``seq_lens`` [B] (keys ``0..len-1`` are visible).
+    rope]; ``block_table`` [B, blocks] int (every block is read: as wide as the longest row needs);
+    ``seq_lens`` [B] (keys ``0..len-1`` are visible).
     Returns the attention output in latent space, [B, H, kv_lora_rank], in ``q_lat.dtype``.
     """
-    b, block_size = q_lat.shape[0], kv_cache.shape[1]
-    n = -(-int(seq_lens.max()) // block_size)  # blocks of the longest row
-    table = block_table[:, :n].long()
+    (b, n), block_size = block_table.shape, kv_cache.shape[1]
+    table = block_table.long()  # every row's blocks; the table is as wide as its longest row needs
     kv = kv_cache[table].view(b, n * block_size, -1).float()  # [B, L, r]: whole blocks, masked below
     pe = pe_cache[table].view(b, n * block_size, -1).float()  # [B, L, rope]
     # plain batched matmuls, not einsum: at decode sizes the per-call overhead is the cost

@@ -48,7 +48,7 @@ class AttnMeta:
     block_size: int = 0
     # steps of a few tokens per sequence (decode, draft verification) also carry the paged view for the
     # batched kernel, one row per query token (its sequence's blocks)
-    block_table: torch.Tensor | None = None  # [T, max_blocks] int32
+    block_table: torch.Tensor | None = None  # [T, blocks the longest row needs] int32
     seq_lens: torch.Tensor | None = None  # [T] causal context length of each query token (position + 1)
     cos: torch.Tensor | None = None  # [T, rope/2], filled in by the model once per step
     sin: torch.Tensor | None = None

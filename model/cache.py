@@ -36,6 +36,10 @@ class MLACache:
         self.allocator = BlockAllocator(num_blocks, block_size)
         self.device = torch.device(device)
 
+    def index_cache(self, layer: int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """DeepSeek-V3.2: the layer's indexer keys and their FP8 scales (``None`` for other models)."""
+        return (self.ik[layer], self.iks[layer] if self.iks else None) if self.ik else None
+
     @property
     def bytes_per_token(self) -> int:
         return sum(t[0].numel() * t.element_size() for t in self.kv + self.pe + self.ik + self.iks)
@@ -67,7 +71,7 @@ class MLACache:
         if seqs and all(end - start <= PAGED_ROWS_MAX for _, start, end in seqs):
             # decode and verification steps (a few tokens per sequence): every query row gets its own
             # row in the paged view, its sequence's blocks with the causal length of its position
-            rows = [tables[seq_id] for seq_id, start, end in seqs for _ in range(start, end)]
+            rows = [tables[seq_id][:p // bs + 1] for seq_id, start, end in seqs for p in range(start, end)]
             width = max(len(t) for t in rows)
             meta.block_table = torch.tensor([t + [0] * (width - len(t)) for t in rows], dtype=torch.int32,
                                             device=self.device)

@@ -23,14 +23,17 @@ class LocalLLM:
 
     def __init__(self, path: str | Path, dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
                  block_size: int = 16, max_batch_tokens: int = 2048, progress: bool = True, index_fp8: bool = False,
-                 speculative_tokens: int = 0, mtp: bool | None = None):
+                 speculative_tokens: int = 0, mtp: bool | None = None, compile: bool = False):
         """``speculative_tokens``: MTP drafts per step for requests that do not say (0: off); the MTP
-        layer is loaded when that is on or ``mtp`` is true (then requests may ask for drafts)."""
+        layer is loaded when that is on or ``mtp`` is true (then requests may ask for drafts).
+        ``compile``: decode steps through ``torch.compile`` (``Transformer.compile_decode``)."""
         dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
         self.speculative_tokens = speculative_tokens
         with_mtp = bool(speculative_tokens) if mtp is None else mtp
         self.model = load_model(path, dtype, device, with_mtp=with_mtp, progress=progress, index_fp8=index_fp8)
         require_mtp(path, len(self.model.mtp_layers), speculative_tokens)
+        if compile:
+            self.model.compile_decode()
         self.args = self.model.args
         self.tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
         self.dtype, self.device, self.block_size = dtype, device, block_size

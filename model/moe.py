@@ -156,19 +156,25 @@ class MoE(nn.Module):
         self._dense = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return run_stages(self.stages(x))
+        if self.routed_experts is not None:
+            return run_stages(self.stages(x))
+        return self.local(x, self.gate(x))
 
     def stages(self, x: torch.Tensor) -> Generator[None, None, torch.Tensor]:
         """The layer as a generator that returns its output. With the routed experts elsewhere it
         yields once, while their rows are away: the shared experts are computed before the yield,
         and whoever drives it may run another micro-batch's layers there (``interleave``)."""
         routing = self.gate(x)
-        if self.routed_experts is not None:
-            receive = self.routed_experts(self.layer_id, x, routing)
-            shared = self.shared_experts(x) if self.shared_experts is not None else None
-            yield
-            y = receive()
-            return y if shared is None else y + shared
+        if self.routed_experts is None:
+            return self.local(x, routing)
+        receive = self.routed_experts(self.layer_id, x, routing)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        yield
+        y = receive()
+        return y if shared is None else y + shared
+
+    def local(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """The routed experts (in this module) and the shared ones on ``x`` [T, hidden]."""
         dense = self.dense(x.shape[0])
         if dense is not None:  # routed and shared experts in two matmuls
             n_shared = self.gate.args.n_shared_experts if self.shared_experts is not None else 0

@@ -130,7 +130,7 @@ def run_chunks(model, cache: MLACache, works: list[ChunkWork], tables: dict[int,
 def _draft(model, cache, works, drafting, query_starts, hidden, results, tables) -> None:
     mtp, n = model.mtp_layers[0], model.num_layers
     device = cache.device
-    index_cache = (cache.ik[n], cache.iks[n] if cache.iks else None) if cache.ik else None
+    index_cache = cache.index_cache(n)
     seqs, rows, next_ids, chains = [], [], [], []
     for i in drafting:
         w = works[i]
