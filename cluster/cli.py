@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype (default: the layout's, bfloat16 in configs/cluster/local.yaml)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt per line")
     p.add_argument("--compile", action="store_true",
-                   help="with --local: decode steps through torch.compile (float weights; tens of seconds to "
-                        "compile on first use)")
+                   help="with --local: decode steps through torch.compile (a CPU, float weights, the dense "
+                        "expert form of small models; 10-30 s to compile on first use)")
     add_sampling_flags(p)
     add_cluster_flags(p)
     p.set_defaults(func=cmd_generate)

@@ -73,6 +73,12 @@ class AttnMeta:
                 for table, end in self.spans]
 
 
+def latent_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the absorbed attention runs in: on a CPU float32 whatever the model's dtype (there,
+    bfloat16 batched matmuls this small cost more than the casts, and float32 is the more exact)."""
+    return torch.float32 if device.type == "cpu" else dtype
+
+
 BATCHED_SCORES_MAX = 2**24  # float32 scores (64 MB) a batched prefill attention may hold at once
 
 
@@ -159,9 +165,7 @@ class MLA(nn.Module):
             if all(m is None for m in masks):
                 masks = None  # every context fits in index_topk: dense attention is the same
         if absorb:
-            # on CPU the latent attention runs in float32 whatever the model's dtype: there, bfloat16
-            # batched matmuls this small cost more than the casts (float32 is also the more exact)
-            dt = torch.float32 if x.device.type == "cpu" else x.dtype
+            dt = latent_dtype(x.device, x.dtype)
             wkv_b = self.wkv_b(dt)
             q_nope, q_pe = q_nope.to(dt), q_pe.to(dt)
             q_lat = torch.bmm(q_nope.transpose(0, 1), wkv_b[:, : self.qk_nope_head_dim]).transpose(0, 1)  # [T, H, r]

@@ -137,7 +137,7 @@ class MoE(nn.Module):
         chosen experts' work (``n_routed_experts > 4 * num_experts_per_tok``: every DeepSeek model).
         Float weights only."""
         a = self.gate.args
-        if self.fp8 or a.n_routed_experts > 4 * a.num_experts_per_tok or tokens * a.n_routed_experts > DENSE_ROWS:
+        if self.fp8 or a.n_routed_experts > 4 * a.num_experts_per_tok or tokens > self.dense_tokens:
             return None
         if self._dense is None:
             gate, up, down = self.stacked()  # [E, inter, hidden] x 2, [E, hidden, inter]
@@ -150,6 +150,11 @@ class MoE(nn.Module):
             self._dense = (torch.cat([gate, up], dim=1).flatten(0, 1).contiguous(),
                            down.permute(1, 0, 2).flatten(1).contiguous())
         return self._dense
+
+    @property
+    def dense_tokens(self) -> int:
+        """The most tokens the dense form takes (``DENSE_ROWS`` expert rows)."""
+        return DENSE_ROWS // self.gate.args.n_routed_experts
 
     def reset_caches(self) -> None:
         self._stacked = None

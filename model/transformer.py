@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import MLA, AttnMeta
+from model.attention import MLA, AttnMeta, latent_dtype
 from model.config import ModelArgs
 from model.layers import MLP, Linear, RMSNorm
 from model.moe import MoE, RoutedExperts, interleave, run_stages
@@ -114,7 +114,7 @@ class Transformer(nn.Module):
         self.tie_weights()
         self.rotary = RotaryEmbedding(args)
         self._decode = None  # decode steps through torch.compile (``compile_decode``)
-        self._warm = False
+        self._decode_tokens = 0  # up to this many tokens per step
 
     def tie_weights(self) -> None:
         """``tie_word_embeddings``: the head is the embedding (one tensor; a tied checkpoint has no
@@ -141,25 +141,56 @@ class Transformer(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttnMeta, cache, absorb: bool = True) -> torch.Tensor:
         """``input_ids`` [T] (a flattened batch described by ``meta``) -> final hidden states [T, hidden]."""
-        if self._decode is not None and meta.block_table is not None and absorb:
-            if self._warm:
-                return self._decode(input_ids, self.prepare(meta), cache)
-            self._warm = True  # the first decode step runs eagerly: it builds the weight caches the graph reads
+        if (self._decode is not None and meta.block_table is not None and absorb
+                and input_ids.shape[0] <= self._decode_tokens):
+            return self._decode(input_ids, self.prepare(meta), cache)
         return run_stages(self.stages(input_ids, meta, cache, absorb))
 
     def compile_decode(self) -> None:
-        """Run decode steps (a few tokens per sequence, the paged view in ``meta``) through
-        ``torch.compile``: on a CPU its kernels fuse the elementwise operations of which a small
-        model's step is mostly made (measured on the default model, 2 cores: 2.1x the eager decode
-        rate at batch 1, 1.2x at batch 8). Compiling takes tens of seconds per shape class (batch 1,
-        larger batches) on first use; prefill stays eager. For float weights whose routed experts
-        are in this process (FP8 runs its own kernels: compiled, the quantisation rounds differently)."""
+        """Run the steps that carry the paged view (at most ``PAGED_ROWS_MAX`` tokens per sequence:
+        decode, draft verification, short prefills) through ``torch.compile``, as one graph of every
+        layer, dynamic in the batch and the context. On a CPU its generated kernels fuse the
+        elementwise operations a small model's step is mostly made of (the default model, 2 cores:
+        about 2x the eager decode rate at batch 1 and 1.5x at batch 8). Compiling takes 10-30 s per
+        shape class (batch 1, larger batches) on first use.
+
+        For a whole float model on a CPU whose experts take the dense form (``MoE.dense``: few
+        experts against top-k, as small models have), up to as many tokens as that form takes; other
+        steps run eagerly. Refused otherwise, with the reason: the sorted expert path, the V3.2
+        indexer and the FP8 kernels have data-dependent shapes or their own rounding, and on CUDA the
+        Triton kernels run as they are."""
+        a, device = self.args, self.lm_head.weight.device
+        if device.type != "cpu":
+            raise ValueError(f"compile is for a CPU; this model is on {device}, where its Triton kernels run as "
+                             "they are: leave compile off")
         if any(m.routed_experts is not None for m in self.moe_modules.values()):
             raise ValueError("compile needs the whole model in one process; an attention shard's is not compiled")
-        if self.args.quant is not None:
+        if a.quant is not None:
             raise ValueError("compile is for float weights; this checkpoint is block-FP8 (its kernels are not "
                              "compiled): leave compile off")
-        self._decode = torch.compile(self._layers, dynamic=True)
+        if a.index_topk:
+            raise ValueError("compile does not cover DeepSeek-V3.2's indexer (its selection changes shape every "
+                             "step): leave compile off")
+        moe = list(self.moe_modules.values())
+        if moe and moe[0].dense(1) is None:
+            raise ValueError(f"compile needs the dense expert form (n_routed_experts <= 4 x num_experts_per_tok); "
+                             f"this model routes {a.num_experts_per_tok} of {a.n_routed_experts} experts: leave "
+                             "compile off")
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as e:  # noqa: BLE001 - inductor's own error names what it looked for
+            raise ValueError(f"compile needs a C++ compiler for torch's CPU code generation ({e}): install g++ "
+                             "or leave compile off") from None
+        # the weight caches the graph reads are built here, not traced into it
+        self._decode_tokens = moe[0].dense_tokens if moe else 2**31
+        for m in moe:
+            m.dense(1)
+        for layer in self.model.layers[:self.num_layers]:
+            layer.self_attn.wkv_b(latent_dtype(device, self.dtype))
+        # fullgraph: a break in the graph would silently run the whole stack eagerly; it fails instead
+        self._decode = torch.compile(self._layers, dynamic=True, fullgraph=True)
 
     def _layers(self, input_ids: torch.Tensor, meta: AttnMeta, cache) -> torch.Tensor:
         """``stages`` as a plain function, for the compiler (``meta`` prepared already)."""

@@ -1,6 +1,7 @@
 """Decode steps through ``torch.compile`` (``Transformer.compile_decode``) against the eager model."""
 
 import pytest
+import torch
 
 from model.generate import LocalLLM
 from model.sampling import SamplingParams
@@ -27,6 +28,7 @@ def _count_compiled_steps(llm: LocalLLM) -> list[int]:
          topk_group=1, q_lora_rank=0, n_shared_experts=2, routed_scaling_factor=1.0),
 ], ids=["v3", "v2-no-qlora"])
 def test_compiled_decode_matches_eager(tmp_path, overrides):
+    torch._dynamo.reset()  # each model gets the compiler's whole budget of recompiles
     path = make_tiny(tmp_path / "ckpt", seed=5, **overrides)
     eager = LocalLLM(path, dtype="float32", progress=False)
     compiled = LocalLLM(path, dtype="float32", progress=False, compile=True)
@@ -38,14 +40,37 @@ def test_compiled_decode_matches_eager(tmp_path, overrides):
         for w, g in zip(want, got, strict=True):
             assert g.output_ids == w.output_ids
             assert max(abs(a - b) for a, b in zip(w.token_logprobs, g.token_logprobs, strict=True)) < 1e-4
-    # every step with the paged view ran compiled but the very first (eager: it builds the weight caches the
-    # graph reads): 19 decode steps per generate, and the lone 3-token prompt's prefill
-    assert calls[0] == 3 * 19 - 1 + 1
+    # every step with the paged view ran as one graph (fullgraph: a break would have raised): 19 decode steps
+    # per generate, and the lone 3-token prompt's prefill
+    assert calls[0] == 3 * 19 + 1
+
+
+@pytest.mark.slow
+def test_compiled_speculative_decoding_matches_eager(tiny_dir):
+    torch._dynamo.reset()
+    eager = LocalLLM(tiny_dir, dtype="float32", progress=False, speculative_tokens=2)
+    compiled = LocalLLM(tiny_dir, dtype="float32", progress=False, speculative_tokens=2, compile=True)
+    calls = _count_compiled_steps(compiled)
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    want, got = eager.generate(PROMPTS, params), compiled.generate(PROMPTS, params)
+    assert [g.output_ids for g in got] == [w.output_ids for w in want]
+    assert [g.accepted_tokens for g in got] == [w.accepted_tokens for w in want]
+    assert calls[0] > 0  # the verification steps (each sequence's token and its drafts) ran compiled
 
 
 def test_compile_refuses_fp8_weights(tiny_fp8_dir):
     with pytest.raises(ValueError, match="block-FP8"):
         LocalLLM(tiny_fp8_dir, dtype="bfloat16", progress=False, compile=True)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(n_routed_experts=32, num_experts_per_tok=4, n_group=4, topk_group=2), "routes 4 of 32 experts"),
+    (dict(preset="tiny-v32"), "V3.2's indexer"),
+], ids=["sorted-experts", "v32"])
+def test_compile_refuses_what_it_cannot_run_as_one_graph(tmp_path, overrides, message):
+    path = make_tiny(tmp_path / "ckpt", seed=1, **overrides)
+    with pytest.raises(ValueError, match=message):
+        LocalLLM(path, dtype="float32", progress=False, compile=True)
 
 
 def test_compile_refuses_a_model_without_its_routed_experts(tiny_dir):
