@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -34,6 +35,9 @@ class LocalLLM:
         require_mtp(path, len(self.model.mtp_layers), speculative_tokens)
         if compile:
             self.model.compile_decode()
+            if progress:
+                print("decode steps are compiled on first use (torch.compile: 10-30 s per shape class, batch 1 "
+                      "and larger; less once cached)", file=sys.stderr, flush=True)
         self.args = self.model.args
         self.tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
         self.dtype, self.device, self.block_size = dtype, device, block_size
