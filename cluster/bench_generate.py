@@ -16,20 +16,20 @@ from pathlib import Path
 import torch
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
+def _decode_rates(runs: dict, batch: int, new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """``runs``: name -> run(new_tokens). -> name -> (decode tokens/s, prefill ms), from the best of
+    ``repeats`` timings each. The contenders take turns within each repeat, so a machine that slows
+    down for a while slows them alike."""
+    best: dict[tuple[str, int], float] = {}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
-def _decode_rate(run, batch: int, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """-> (decode tokens/s, prefill ms)."""
-    t_full = _best(lambda: run(new_tokens), repeats)
-    t_one = _best(lambda: run(1), repeats)
-    return batch * (new_tokens - 1) / max(t_full - t_one, 1e-9), t_one * 1e3
+        for name, run in runs.items():
+            for n in (new_tokens, 1):
+                t0 = time.perf_counter()
+                run(n)
+                t = time.perf_counter() - t0
+                best[name, n] = min(best.get((name, n), t), t)
+    return {name: (batch * (new_tokens - 1) / max(best[name, new_tokens] - best[name, 1], 1e-9), best[name, 1] * 1e3)
+            for name in runs}
 
 
 def main(args) -> int:
@@ -59,26 +59,25 @@ def main(args) -> int:
     for batch in batch_sizes:
         prompts = torch.randint(5, llm.args.vocab_size, (batch, args.prompt_len), generator=gen).to(device)
 
-        def run_ours(n, prompts=prompts):
-            llm.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
+        def generate(model, n, prompts=prompts):
+            model.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
 
-        rate, prefill = _decode_rate(run_ours, batch, args.new_tokens, args.repeats)
-        row = {"batch": batch, "raymoe_tok_s": rate, "raymoe_prefill_ms": prefill}
+        runs = {"raymoe": lambda n: generate(llm, n)}
         if compiled is not None:
-            def run_compiled(n, prompts=prompts):
-                compiled.generate(prompts.tolist(), SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True))
-
-            run_compiled(3)  # compiles this batch's shape class, if it is new
-            row["compiled_tok_s"], row["compiled_prefill_ms"] = _decode_rate(run_compiled, batch, args.new_tokens,
-                                                                            args.repeats)
+            generate(compiled, 3)  # compiles this batch's shape class, if it is new
+            runs["compiled"] = lambda n: generate(compiled, n)
         if hf is not None:
             def run_hf(n, prompts=prompts):
                 with torch.inference_mode():
                     hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
                                 min_new_tokens=n, do_sample=False, use_cache=True, pad_token_id=0)
 
-            row["transformers_tok_s"], row["transformers_prefill_ms"] = _decode_rate(run_hf, batch, args.new_tokens,
-                                                                                  args.repeats)
+            runs["transformers"] = run_hf
+        rates = _decode_rates(runs, batch, args.new_tokens, args.repeats)
+        row = {"batch": batch}
+        for name, (rate, prefill) in rates.items():
+            row[f"{name}_tok_s"], row[f"{name}_prefill_ms"] = rate, prefill
+        if hf is not None:
             row["ratio"] = row["raymoe_tok_s"] / row["transformers_tok_s"]
             if compiled is not None:
                 row["compiled_ratio"] = row["compiled_tok_s"] / row["transformers_tok_s"]
