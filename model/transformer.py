@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -143,7 +145,12 @@ class Transformer(nn.Module):
         """``input_ids`` [T] (a flattened batch described by ``meta``) -> final hidden states [T, hidden]."""
         if (self._decode is not None and meta.block_table is not None and absorb
                 and input_ids.shape[0] <= self._decode_tokens):
-            return self._decode(input_ids, self.prepare(meta), cache)
+            try:
+                return self._decode(input_ids, self.prepare(meta), cache)
+            except Exception as e:  # noqa: BLE001 - a compiler failure must not fail the step: eager computes it
+                warnings.warn(f"compiled decode step failed ({type(e).__name__}: {str(e)[:300]}); this model runs "
+                              "eagerly from now on", RuntimeWarning, stacklevel=2)
+                self._decode = None  # the step's cache writes are redone below with the same values
         return run_stages(self.stages(input_ids, meta, cache, absorb))
 
     def compile_decode(self) -> None:
@@ -189,7 +196,8 @@ class Transformer(nn.Module):
             m.dense(1)
         for layer in self.model.layers[:self.num_layers]:
             layer.self_attn.wkv_b(latent_dtype(device, self.dtype))
-        # fullgraph: a break in the graph would silently run the whole stack eagerly; it fails instead
+        # fullgraph: a break in the graph would quietly run the whole stack eagerly; it raises instead, and
+        # ``forward`` warns and goes on eagerly (so does a model past the compiler's recompile limit)
         self._decode = torch.compile(self._layers, dynamic=True, fullgraph=True)
 
     def _layers(self, input_ids: torch.Tensor, meta: AttnMeta, cache) -> torch.Tensor:

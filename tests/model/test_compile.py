@@ -40,9 +40,10 @@ def test_compiled_decode_matches_eager(tmp_path, overrides):
         for w, g in zip(want, got, strict=True):
             assert g.output_ids == w.output_ids
             assert max(abs(a - b) for a, b in zip(w.token_logprobs, g.token_logprobs, strict=True)) < 1e-4
-    # every step with the paged view ran as one graph (fullgraph: a break would have raised): 19 decode steps
-    # per generate, and the lone 3-token prompt's prefill
-    assert calls[0] == 3 * 19 + 1
+    # every step with the paged view ran as one graph (fullgraph: a break would have raised, and the model
+    # would have gone eager, dropping its compiled step): 19 decode steps per generate, and the lone
+    # 3-token prompt's prefill
+    assert calls[0] == 3 * 19 + 1 and compiled.model._decode is not None
 
 
 @pytest.mark.slow
@@ -55,7 +56,23 @@ def test_compiled_speculative_decoding_matches_eager(tiny_dir):
     want, got = eager.generate(PROMPTS, params), compiled.generate(PROMPTS, params)
     assert [g.output_ids for g in got] == [w.output_ids for w in want]
     assert [g.accepted_tokens for g in got] == [w.accepted_tokens for w in want]
-    assert calls[0] > 0  # the verification steps (each sequence's token and its drafts) ran compiled
+    # the verification steps (each sequence's token and its drafts) ran compiled, without a fallback
+    assert calls[0] > 0 and compiled.model._decode is not None
+
+
+def test_a_failing_compiled_step_warns_and_runs_eagerly(tiny_llm, monkeypatch):
+    prompts, params = PROMPTS[:2], SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+    want = tiny_llm.generate(prompts, params)
+
+    def broken(*args):
+        raise RuntimeError("recompile limit")
+
+    monkeypatch.setattr(tiny_llm.model, "_decode", broken)
+    monkeypatch.setattr(tiny_llm.model, "_decode_tokens", 64)
+    with pytest.warns(RuntimeWarning, match="compiled decode step failed .*recompile limit.*runs eagerly"):
+        got = tiny_llm.generate(prompts, params)
+    assert [g.output_ids for g in got] == [w.output_ids for w in want]
+    assert tiny_llm.model._decode is None
 
 
 def test_compile_refuses_fp8_weights(tiny_fp8_dir):
