@@ -98,7 +98,7 @@ def main(args) -> int:
     result = {
         "benchmark": "generate", "checkpoint": str(path), "dtype": args.dtype, "device": device,
         "prompt_len": args.prompt_len,
-        "new_tokens": args.new_tokens, "repeats": args.repeats, "compile": bool(args.compile),
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "compiled": compiled is not None,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
         "rows": rows,
