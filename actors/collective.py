@@ -25,7 +25,7 @@ class GroupInfo:
     num_attention: int  # ranks 0..num_attention-1 are attention shards, the rest expert actors
     backend: str = "gloo"
     timeout_s: float = 120.0
-    pipes: bool = False  # gloo on one host: move the data plane over named pipes (``actors.pipes``)
+    local_pipes: bool = False  # gloo on one host: move the data plane over named pipes (``actors.pipes``)
 
     @property
     def expert_ranks(self) -> range:
@@ -44,7 +44,7 @@ def node_address() -> tuple[str, int]:
 
 def init_group(info: GroupInfo, master_addr: str, master_port: int, previous=None) -> dist.ProcessGroup | PipeGroup:
     """Join the group; returns what the data plane's exchanges take: the pipes when every rank is on
-    this host and ``info.pipes`` allows them, else the gloo or NCCL group. ``previous``: the group
+    this host and ``info.local_pipes`` allows them, else the gloo or NCCL group. ``previous``: the group
     this actor used before (its pipes are closed)."""
     if isinstance(previous, PipeGroup):
         previous.close()
@@ -58,7 +58,7 @@ def init_group(info: GroupInfo, master_addr: str, master_port: int, previous=Non
         torch.cuda.set_device(0)
         dist.barrier(device_ids=[0])
         return dist.group.WORLD
-    pipes = open_pipes(info.rank, info.world_size, info.num_attention, info.timeout_s) if info.pipes else None
+    pipes = open_pipes(info.rank, info.world_size, info.num_attention, info.timeout_s) if info.local_pipes else None
     return pipes or dist.group.WORLD
 
 

@@ -140,8 +140,7 @@ class RayMoE:
         scheduler = Scheduler(layout.attention_shards, layout.num_blocks, layout.block_size,
                               layout.max_batch_tokens, layout.max_running)
         defaults = generation_defaults(model_dir)  # read once: the API's sampling defaults and the eos ids
-        eos = end_of_sequence_ids(tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None
-                                  else args.eos_token_id, defaults)
+        eos = end_of_sequence_ids(tokenizer, args, defaults)
         engine = Engine(attention, experts, router, scheduler, tokenizer, eos, args.max_position_embeddings,
                         step_timeout_s=max(60.0, 2 * layout.collective_timeout_s), rebuild=rebuild,
                         switch=switch, regroup=regroup, speculative_tokens=layout.speculative_tokens,

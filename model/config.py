@@ -240,10 +240,11 @@ def generation_defaults(model_dir: str | Path) -> dict[str, Any]:
     return out
 
 
-def end_of_sequence_ids(primary: int | None, defaults: dict[str, Any]) -> tuple[int, ...]:
-    """The ids that end a sequence: ``primary`` (the tokenizer's, else config.json's) and every one
+def end_of_sequence_ids(tokenizer, args: ModelArgs, defaults: dict[str, Any]) -> tuple[int, ...]:
+    """The ids that end a sequence: the tokenizer's eos id (else config.json's) and every one
     ``generation_config.json`` lists (``defaults``: ``generation_defaults``), as transformers'
     ``generate`` and vLLM stop on them."""
+    primary = tokenizer.eos_token_id if tokenizer and tokenizer.eos_token_id is not None else args.eos_token_id
     ids = [] if primary is None else [primary]
     return tuple(ids + [i for i in defaults.get("eos_token_ids", []) if i not in ids])
 

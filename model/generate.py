@@ -42,9 +42,7 @@ class LocalLLM:
         self.tokenizer = Tokenizer.from_dir(path) if (Path(path) / "tokenizer.json").exists() else None
         self.dtype, self.device, self.block_size = dtype, device, block_size
         self.max_batch_tokens = max_batch_tokens
-        self.eos_token_ids = end_of_sequence_ids(
-            self.tokenizer.eos_token_id if self.tokenizer and self.tokenizer.eos_token_id is not None
-            else self.args.eos_token_id, generation_defaults(path))
+        self.eos_token_ids = end_of_sequence_ids(self.tokenizer, self.args, generation_defaults(path))
 
     def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
         """Token ids for a text prompt, a list of ids, or a list of chat messages."""

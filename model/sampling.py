@@ -138,10 +138,10 @@ def _pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generat
     if params.greedy:
         return int(logits.argmax())
     probs = probabilities(logits, params)
-    if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+    if not bool(torch.isfinite(probs).all() & (probs.sum() > 0)):  # one read back to the host
         # logits that are not finite (a model overflowing in float16): this sequence's token is the
         # best finite one rather than a failed step for the whole batch
-        return int(torch.nan_to_num(logits.float(), nan=float("-inf")).argmax())
+        return int(torch.nan_to_num(logits, nan=float("-inf")).argmax())
     return int(torch.multinomial(probs, 1, generator=generator))
 
 

@@ -41,7 +41,7 @@ class GenerationResult:
 
 class Sequence:
     def __init__(self, seq_id: int, prompt_ids: list[int], params: SamplingParams,
-                 tokenizer: Tokenizer | None, eos_token_ids: int | tuple[int, ...] | None, max_len: int):
+                 tokenizer: Tokenizer | None, eos_token_ids: tuple[int, ...] | None, max_len: int):
         """``eos_token_ids``: the id(s) that end the sequence unless ``params.ignore_eos``."""
         if not prompt_ids:
             raise ValueError("the prompt is empty: send at least one token")
@@ -61,8 +61,8 @@ class Sequence:
         self.token_logprobs: list[float] = []
         self.max_new = min(params.max_new_tokens, max_len - len(prompt_ids))
         self.stop_ids = set(params.stop_token_ids)
-        if eos_token_ids is not None and not params.ignore_eos:
-            self.stop_ids.update((eos_token_ids,) if isinstance(eos_token_ids, int) else eos_token_ids)
+        if not params.ignore_eos:
+            self.stop_ids.update(eos_token_ids or ())
         self.detok = IncrementalDetokenizer(tokenizer, params.skip_special_tokens) if tokenizer else None
         self.text = ""
         self._emitted = 0

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 _ESCAPE_OPEN, _ESCAPE_CLOSE = "\ue000", "\ue001"
 _ESCAPE = re.compile(f"{_ESCAPE_OPEN}(\\d+){_ESCAPE_CLOSE}")
-REASONING_MARKERS = ("<think>", "</think>")
+REASONING_MARKERS = ("<think>", "</think>")  # kept in assistant turns (``Tokenizer._escape_message``)
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -37,7 +37,7 @@ def _byte_level_chars() -> dict[str, int]:
     return chars
 
 
-_BYTE_OF = _byte_level_chars()  # kept in assistant turns (``Tokenizer._escape_message``)
+_BYTE_OF = _byte_level_chars()  # byte-level BPE character -> the byte it stands for
 
 
 def _token_text(value) -> str | None:
@@ -60,11 +60,14 @@ class Tokenizer:
             named = {t["name"]: t["template"] for t in self.chat_template}
             self.chat_template = named.get("default") or next(iter(named.values()), None)
         self._compiled = None
+        added = tokenizer.get_added_tokens_decoder()
         # ids that decode to nothing when special tokens are skipped
-        self.special_ids = frozenset(i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special)
+        self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        self._added_ids = frozenset(added)
         # longest first, so that a token holding another is taken whole
-        self._added = sorted({t.content for t in tokenizer.get_added_tokens_decoder().values()} |
-                             {_ESCAPE_OPEN, _ESCAPE_CLOSE}, key=len, reverse=True)
+        self._added = sorted({t.content for t in added.values()} | {_ESCAPE_OPEN, _ESCAPE_CLOSE}, key=len,
+                             reverse=True)
+        self._byte_level = type(tokenizer.decoder).__name__ == "ByteLevel"
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -93,12 +96,10 @@ class Tokenizer:
         """Each token's own bytes: for a token that holds part of a UTF-8 character, those bytes
         (decoding it alone gives U+FFFD). Byte-level vocabularies map back exactly; others, and
         added tokens, give the UTF-8 of their text."""
-        added = self._tok.get_added_tokens_decoder()
-        byte_level = type(self._tok.decoder).__name__ == "ByteLevel"
         out = []
         for i in ids:
-            piece = None if i in added else self._tok.id_to_token(i)
-            if byte_level and piece is not None and all(c in _BYTE_OF for c in piece):
+            piece = None if i in self._added_ids else self._tok.id_to_token(i)
+            if self._byte_level and piece is not None and all(c in _BYTE_OF for c in piece):
                 out.append(bytes(_BYTE_OF[c] for c in piece))
             else:
                 out.append(self.decode([i], skip_special_tokens=False).encode("utf-8"))

@@ -179,7 +179,9 @@ class Transformer(nn.Module):
             raise ValueError("compile does not cover DeepSeek-V3.2's indexer (its selection changes shape every "
                              "step): leave compile off")
         moe = list(self.moe_modules.values())
-        if moe and moe[0].dense(1) is None:
+        # MoE.dense builds the stacked weights the graph reads (here, not traced into it), or says the
+        # model has too many experts for the dense form
+        if any(m.dense(1) is None for m in moe):
             raise ValueError(f"compile needs the dense expert form (n_routed_experts <= 4 x num_experts_per_tok); "
                              f"this model routes {a.num_experts_per_tok} of {a.n_routed_experts} experts: leave "
                              "compile off")
@@ -190,11 +192,8 @@ class Transformer(nn.Module):
         except Exception as e:  # noqa: BLE001 - inductor's own error names what it looked for
             raise ValueError(f"compile needs a C++ compiler for torch's CPU code generation ({e}): install g++ "
                              "or leave compile off") from None
-        # the weight caches the graph reads are built here, not traced into it
         self._decode_tokens = moe[0].dense_tokens if moe else 2**31
-        for m in moe:
-            m.dense(1)
-        for layer in self.model.layers[:self.num_layers]:
+        for layer in self.model.layers[:self.num_layers]:  # kv_b_proj as MLA reads it, built here too
             layer.self_attn.wkv_b(latent_dtype(device, self.dtype))
         # fullgraph: a break in the graph would quietly run the whole stack eagerly; it raises instead, and
         # ``forward`` warns and goes on eagerly (so does a model past the compiler's recompile limit)

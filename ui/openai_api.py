@@ -129,7 +129,7 @@ class OpenAIServer:
         self.max_context = info.get("max_sequence_tokens", info["max_context"])
         self.vocab_size = info["vocab_size"]  # bounds stop_token_ids
         # the checkpoint's generation_config.json: defaults for values a request leaves out, as vLLM
-        self.defaults = info.get("generation_defaults") or {}
+        self.defaults = info["generation_defaults"]
         self.created = int(info["started_at"])
 
     # plumbing
